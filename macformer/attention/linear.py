@@ -1,0 +1,210 @@
+"""Linear-time attention with a feature map: non-causal, chunkwise-parallel causal, recurrent step.
+
+All three share one representation: values are augmented with a column of ones, v' = [v, 1], so the
+running sum S' = sum_j w_j phi(k_j) v'_j^T holds S in its first d_v columns and z = sum_j w_j phi(k_j)
+in its last; phi(q) S' gives numerator and denominator in one product. Features and sums are computed
+in fp32 with autocast off, whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from macformer.attention.common import DENOMINATOR_EPS, check_qkv, key_keep, log_gate_of, stabilised_ratio
+from macformer.features.base import FeatureMap
+
+DEFAULT_CHUNK_SIZE = 64
+
+
+def _with_ones(v: torch.Tensor) -> torch.Tensor:
+    return torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
+
+
+def _finish(numerator_and_denominator: torch.Tensor, query_features: torch.Tensor, key_sums: torch.Tensor,
+            eps: float) -> torch.Tensor:
+    numerator, denominator = numerator_and_denominator[..., :-1], numerator_and_denominator[..., -1]
+    return stabilised_ratio(numerator, denominator, query_features, key_sums, eps)
+
+
+def noncausal_linear_attention(
+    query_features: torch.Tensor, key_features: torch.Tensor, v: torch.Tensor, eps: float = DENOMINATOR_EPS
+) -> torch.Tensor:
+    """out = phi(Q) S / phi(Q) z with S = phi(K)^T V: O(n D d_v) time, O(D d_v) state per head.
+    Padding keys must already have zero feature rows."""
+    state = key_features.transpose(-1, -2) @ _with_ones(v)  # [..., D, dv + 1]
+    return _finish(query_features @ state, query_features, state[..., -1].unsqueeze(-2), eps)
+
+
+def causal_linear_attention(
+    query_features: torch.Tensor,
+    key_features: torch.Tensor,
+    v: torch.Tensor,
+    log_gate: torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    state: torch.Tensor | None = None,
+    eps: float = DENOMINATOR_EPS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunkwise-parallel causal feature attention; returns (output, final state S' [..., D, dv + 1]).
+
+    Within a chunk of C tokens the output is the masked C x C product; across chunks it comes from
+    the running state: out_c = phi(Q_c) H_c + tril(phi(Q_c) phi(K_c)^T) V_c, H_{c+1} = H_c + phi(K_c)^T V_c.
+    Memory is O(n/C * D * d_v) for the chunk states, never the [n, D, d_v] cumulative tensor.
+    With log_gate (log g_t, [..., n]) the update is S_t = g_t S_{t-1} + (1 - g_t) phi(k_t) v_t^T.
+    `state` continues from an earlier call (prefill then decode). Padding keys must already have zero
+    feature rows (and g = 1).
+    """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    *lead, length, num_features = query_features.shape
+    values = _with_ones(v)
+    width = values.shape[-1]
+    chunk = min(chunk_size, length)
+    num_chunks = math.ceil(length / chunk)
+    pad = num_chunks * chunk - length
+
+    def chunked(x: torch.Tensor) -> torch.Tensor:  # [..., n, f] -> [..., num_chunks, chunk, f]
+        return F.pad(x, (0, 0, 0, pad)).reshape(*x.shape[:-2], num_chunks, chunk, x.shape[-1])
+
+    q_c, k_c, v_c = chunked(query_features), chunked(key_features), chunked(values)
+    causal_mask = torch.ones(chunk, chunk, dtype=torch.bool, device=v.device).tril()
+    if log_gate is None:
+        pair_weights = causal_mask.to(q_c.dtype)
+        chunk_kv = k_c.transpose(-1, -2) @ v_c  # [..., num_chunks, D, dv + 1]
+        # Exclusive prefix sum over chunks: the state each chunk starts from.
+        starts = chunk_kv.cumsum(-3) - chunk_kv
+        if state is not None:
+            starts = starts + state.unsqueeze(-3)
+        final = starts[..., -1, :, :] + chunk_kv[..., -1, :, :]
+        inter = q_c @ starts
+    else:
+        # Padded tail positions get g = 1 (log 0): they neither decay nor add.
+        log_g = F.pad(log_gate, (0, pad)).reshape(*log_gate.shape[:-1], num_chunks, chunk)
+        within = log_g.cumsum(-1)  # L_t: log of the product of gates from the chunk start to t
+        exponent = (within[..., :, None] - within[..., None, :]).masked_fill(~causal_mask, -math.inf)
+        pair_weights = exponent.exp() * (-torch.expm1(log_g))[..., None, :]  # b_j prod_{j<l<=t} g_l
+        to_end = (within[..., -1:] - within).exp() * (-torch.expm1(log_g))  # weight of j in chunk's sum
+        chunk_kv = (k_c * to_end[..., None]).transpose(-1, -2) @ v_c
+        chunk_decay = within[..., -1].exp()  # product of all gates in the chunk
+        running = state if state is not None else chunk_kv.new_zeros(*lead, num_features, width)
+        starts_list = []
+        for index in range(num_chunks):
+            starts_list.append(running)
+            running = chunk_decay[..., index, None, None] * running + chunk_kv[..., index, :, :]
+        starts, final = torch.stack(starts_list, dim=-3), running
+        inter = (q_c * within.exp()[..., None]) @ starts
+    intra = ((q_c @ k_c.transpose(-1, -2)) * pair_weights) @ v_c
+    numerator_and_denominator = (inter + intra).reshape(*lead, num_chunks * chunk, width)[..., :length, :]
+    with torch.no_grad():  # z_t for the stabiliser's floor only
+        start_sums = starts[..., -1].unsqueeze(-2)  # [..., num_chunks, 1, D]
+        if log_gate is None:
+            key_sums = start_sums + k_c.cumsum(-2)
+        else:
+            key_sums = within.exp()[..., None] * start_sums + pair_weights @ k_c
+        key_sums = key_sums.reshape(*lead, num_chunks * chunk, num_features)[..., :length, :]
+    return _finish(numerator_and_denominator, query_features, key_sums, eps), final
+
+
+def recurrent_step(
+    query_features: torch.Tensor,
+    key_features: torch.Tensor,
+    v: torch.Tensor,
+    state: torch.Tensor | None = None,
+    log_gate: torch.Tensor | None = None,
+    eps: float = DENOMINATOR_EPS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step with an O(D d_v) state per head: features [..., 1, D], v [..., 1, dv],
+    log_gate [..., 1]. S'_t = g_t S'_{t-1} + (1 - g_t) phi(k_t) v'_t^T (g = 1, weight 1 ungated)."""
+    update = key_features.transpose(-1, -2) @ _with_ones(v)  # [..., D, dv + 1]
+    if state is None:
+        state = torch.zeros_like(update)
+    if log_gate is None:
+        state = state + update
+    else:
+        gate = log_gate.exp()[..., None]
+        state = gate * state + (1 - gate) * update
+    return _finish(query_features @ state, query_features, state[..., -1].unsqueeze(-2), eps), state
+
+
+def _features_and_values(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: FeatureMap,
+    key_padding_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 phi(q), phi(k), v with padding rows of phi(k) and v zeroed (call with autocast off)."""
+    query_features = feature_map(q.float(), is_query=True)
+    key_features = feature_map(k.float())
+    values = v.float()
+    keep = key_keep(key_padding_mask, k)
+    if keep is not None:
+        keep = keep.transpose(-1, -2).float()  # [batch, 1, seq_k, 1]
+        key_features, values = key_features * keep, values * keep
+    return query_features, key_features, values
+
+
+def _check_gate(gate: torch.Tensor | None, q: torch.Tensor) -> None:
+    if gate is not None and gate.shape != q.shape[:3]:
+        raise ValueError(f"gate must be [batch, heads, seq] = {tuple(q.shape[:3])}, got {tuple(gate.shape)}")
+
+
+def causal_feature_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    feature_map: FeatureMap,
+    state: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    eps: float = DENOMINATOR_EPS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal feature attention that continues from `state` and returns (output, new state).
+
+    The state S' [batch, heads, D, d_v + 1] is all a decoder keeps: O(D d_v) per head whatever the
+    context length. One token with a state takes the recurrent step; longer inputs (training, prompt
+    prefill) the chunkwise-parallel form. Arguments as for `feature_attention`.
+    """
+    check_qkv(q, k, v)
+    _check_gate(gate, q)
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"causal feature attention needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        query_features, key_features, values = _features_and_values(q, k, v, feature_map, key_padding_mask)
+        log_gate = log_gate_of(gate, key_padding_mask)
+        if state is not None and q.shape[2] == 1:
+            out, state = recurrent_step(query_features, key_features, values, state, log_gate, eps)
+        else:
+            out, state = causal_linear_attention(
+                query_features, key_features, values, log_gate, chunk_size, state, eps
+            )
+    return out.to(v.dtype), state
+
+
+def feature_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    feature_map: FeatureMap,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    eps: float = DENOMINATOR_EPS,
+) -> torch.Tensor:
+    """Linear-time attention out_i = phi(q_i)^T S_i / phi(q_i) . z_i with a random feature map.
+
+    q, k, v: [batch, heads, seq, head_dim]. key_padding_mask: [batch, seq_k], True at padding (as in
+    torch.nn.MultiheadAttention); padding keys contribute nothing. gate: RFA's recency gate g in
+    (0, 1) as [batch, heads, seq], causal only. The feature map is applied as is: scale q and k first
+    (ppSBN or d^-1/4) to target softmax-like attention. Returns [batch, heads, seq, d_v] in v's dtype.
+    """
+    if causal:
+        return causal_feature_attention(q, k, v, feature_map, None, key_padding_mask, gate, chunk_size, eps)[0]
+    check_qkv(q, k, v)
+    if gate is not None:
+        raise ValueError("the RFA gate is a recency decay and needs causal=True")
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        query_features, key_features, values = _features_and_values(q, k, v, feature_map, key_padding_mask)
+        out = noncausal_linear_attention(query_features, key_features, values, eps)
+    return out.to(v.dtype)

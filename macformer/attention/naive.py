@@ -1,0 +1,76 @@
+"""Quadratic references: exact kernelized attention, and feature attention through the explicit
+n x n matrix. Tests compare the fast paths against these; they are not meant for long sequences."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from macformer.attention.common import DENOMINATOR_EPS, check_qkv, key_keep, log_gate_of, stabilised_ratio
+from macformer.kernels import DotProductKernel, get_kernel
+
+
+def _pair_weights(
+    n_q: int, n_k: int, causal: bool, keep: torch.Tensor | None, log_gate: torch.Tensor | None,
+    like: torch.Tensor,
+) -> torch.Tensor:
+    """Weight of key j in query i's sums: causal mask x gate decay b_j prod_{j<l<=i} g_l x padding."""
+    weights = torch.ones(n_q, n_k, dtype=like.dtype, device=like.device)
+    if causal:
+        weights = torch.tril(weights, diagonal=n_k - n_q)
+    if log_gate is not None:
+        cumulative = log_gate.cumsum(-1)  # L_i = sum_{l<=i} log g_l
+        exponent = cumulative[..., :, None] - cumulative[..., None, :]
+        exponent = exponent.masked_fill(weights == 0, -math.inf)
+        weights = exponent.exp() * (-torch.expm1(log_gate))[..., None, :]
+    if keep is not None:
+        weights = weights * keep
+    return weights
+
+
+def kernel_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel: str | DotProductKernel = "exp",
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Exact kernelized attention out_i = sum_j f(q_i . k_j) v_j / sum_j f(q_i . k_j): the ground truth
+    random features approximate. No scaling is applied to q . k (scale q and k beforehand).
+
+    Rows with no visible key give 0. Raises if some |q . k| reaches the kernel's radius of convergence.
+    """
+    check_qkv(q, k, v)
+    kernel = get_kernel(kernel)
+    scores = q @ k.transpose(-1, -2)
+    if math.isfinite(kernel.radius) and bool((scores.abs() >= kernel.radius).any()):
+        raise ValueError(
+            f"|q . k| reaches {scores.abs().max().item():.3g}, outside the {kernel.name} kernel's radius "
+            f"of convergence {kernel.radius}; normalise q and k first (ppSBN)"
+        )
+    weights = _pair_weights(q.shape[2], k.shape[2], causal, key_keep(key_padding_mask, k), None, scores)
+    values = kernel.fn(scores) * weights
+    return values @ v / values.sum(-1, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
+
+
+def naive_feature_attention(
+    query_features: torch.Tensor,
+    key_features: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    eps: float = DENOMINATOR_EPS,
+) -> torch.Tensor:
+    """Feature attention through the explicit [n, n] matrix phi(Q) phi(K)^T (masked, gated): the
+    reference for `feature_attention`. Inputs are features [b, h, n, D] and values [b, h, n, dv]."""
+    log_gate = log_gate_of(gate, key_padding_mask)
+    weights = _pair_weights(
+        query_features.shape[2], key_features.shape[2], causal,
+        key_keep(key_padding_mask, key_features), log_gate, query_features,
+    )
+    scores = query_features @ key_features.transpose(-1, -2) * weights
+    key_sums = weights @ key_features
+    return stabilised_ratio(scores @ v, scores.sum(-1), query_features, key_sums, eps)

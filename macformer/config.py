@@ -1,0 +1,149 @@
+"""MacformerConfig: the one model configuration object, validated when it is built."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from macformer.features.samplers import SAMPLERS
+from macformer.kernels import KERNELS, get_kernel
+
+ATTENTIONS = ("softmax", "rmfa", "rfa", "favor", "kernel")
+FEATURE_ATTENTIONS = ("rmfa", "rfa", "favor")
+POOLINGS = ("mean", "cls")
+# Bound on |q . k| under ppSBN for kernels with an infinite radius (exp, trigh): large enough for
+# sharp attention (weights up to e^4 apart), small enough to keep the feature variance moderate.
+DEFAULT_EXP_MAX_TEMPERATURE = 2.0
+
+
+def _fail(name: str, value: Any, expected: str) -> None:
+    raise ValueError(f"MacformerConfig.{name}: expected {expected}, got {value!r}")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        _fail(name, value, "a positive integer")
+
+
+@dataclass(frozen=True)
+class MacformerConfig:
+    """Model configuration. Every field is checked at construction; errors name the field and the fix.
+
+    attention: "softmax" (SDPA), "rmfa" (random Maclaurin features of `kernel`), "rfa" (random
+    Fourier features, optional recency gate), "favor" (FAVOR+ positive features) or "kernel" (exact
+    quadratic kernelized attention with `kernel`, the ground truth for rmfa).
+    kernel: a name in macformer.kernels.KERNELS or a list of non-negative Maclaurin coefficients.
+    num_features: D, random features per head. p: degree distribution of RMFA (> 1).
+    ppsbn: pre/post scaling normalisation (needed by kernels with a finite radius of convergence).
+    ppsbn_max_temperature: bound on |q . k| after preSBN (default: 0.99 / sqrt(p) for radius-1
+    kernels, where the RMFA variance is finite; 2.0 for exp/trigh).
+    causal: causal attention (language modelling); chunk_size: tokens per chunk of causal feature attention.
+    """
+
+    vocab_size: int = 256
+    num_classes: int | None = None
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    d_ff: int = 128
+    dropout: float = 0.0
+    max_seq_len: int = 2048
+    attention: str = "rmfa"
+    kernel: str | tuple[float, ...] = "exp"
+    num_features: int = 128
+    p: float = 2.0
+    constant_feature: bool = True
+    max_degree: int | None = None
+    feature_redraw_interval: int | None = None
+    ppsbn: bool = True
+    ppsbn_learnable_temperature: bool = True
+    ppsbn_max_temperature: float | None = None
+    rfa_gate: bool = False
+    rfa_learned_sigma: bool = False
+    favor_sampler: str = "orthogonal"
+    causal: bool = False
+    chunk_size: int = 64
+    pooling: str = "mean"
+    dual_encoder: bool = False
+    tie_embeddings: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.kernel, list):
+            object.__setattr__(self, "kernel", tuple(self.kernel))
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_seq_len",
+                     "num_features", "chunk_size"):
+            _positive_int(name, getattr(self, name))
+        if self.d_model % self.num_heads:
+            _fail("d_model", self.d_model, f"a multiple of num_heads={self.num_heads}")
+        if self.num_classes is not None:
+            _positive_int("num_classes", self.num_classes)
+            if self.num_classes < 2:
+                _fail("num_classes", self.num_classes, "at least 2 classes")
+        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
+            _fail("dropout", self.dropout, "a probability in [0, 1)")
+        if self.attention not in ATTENTIONS:
+            _fail("attention", self.attention, f"one of {', '.join(ATTENTIONS)}")
+        if isinstance(self.kernel, str) and self.kernel not in KERNELS:
+            _fail("kernel", self.kernel, f"one of {', '.join(KERNELS)} or a coefficient list")
+        kernel = get_kernel(self.kernel)  # validates coefficient lists
+        if not (isinstance(self.p, (int, float)) and math.isfinite(self.p) and self.p > 1):
+            _fail("p", self.p, "a finite number > 1")
+        if self.max_degree is not None and (not isinstance(self.max_degree, int) or self.max_degree < 1):
+            _fail("max_degree", self.max_degree, "a positive integer or None")
+        if self.feature_redraw_interval is not None:
+            _positive_int("feature_redraw_interval", self.feature_redraw_interval)
+        if self.attention == "rfa" and self.num_features % 2:
+            _fail("num_features", self.num_features, "an even number for rfa (sin/cos pairs)")
+        if self.favor_sampler not in SAMPLERS:
+            _fail("favor_sampler", self.favor_sampler, f"one of {', '.join(SAMPLERS)}")
+        if self.rfa_gate and (self.attention != "rfa" or not self.causal):
+            _fail("rfa_gate", self.rfa_gate, "False unless attention='rfa' and causal=True (a recency gate)")
+        if self.rfa_learned_sigma and self.attention != "rfa":
+            _fail("rfa_learned_sigma", self.rfa_learned_sigma, "False unless attention='rfa'")
+        uses_kernel = self.attention in ("rmfa", "kernel")
+        if uses_kernel and math.isfinite(kernel.radius) and not self.ppsbn:
+            _fail("ppsbn", self.ppsbn, f"True: the {kernel.name} kernel converges only for |q.k| < "
+                  f"{kernel.radius}, which ppSBN guarantees")
+        if self.ppsbn_max_temperature is not None:
+            bound = self.ppsbn_max_temperature
+            if not (isinstance(bound, (int, float)) and bound > 0 and (not uses_kernel or bound < kernel.radius)):
+                _fail("ppsbn_max_temperature", bound, f"a positive number below the kernel's radius {kernel.radius}")
+        if self.pooling not in POOLINGS:
+            _fail("pooling", self.pooling, f"one of {', '.join(POOLINGS)}")
+        if self.dual_encoder and self.num_classes is None:
+            _fail("dual_encoder", self.dual_encoder, "False unless num_classes is set (retrieval classifier)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            _fail("seed", self.seed, "an integer")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    def resolved_max_temperature(self) -> float:
+        if self.ppsbn_max_temperature is not None:
+            return float(self.ppsbn_max_temperature)
+        radius = get_kernel(self.kernel).radius if self.attention in ("rmfa", "kernel") else math.inf
+        if math.isfinite(radius):
+            # RMFA's variance sum_n a_n^2 p^n t^2n converges only for t < radius / sqrt(p).
+            return 0.99 * radius / math.sqrt(self.p)
+        return DEFAULT_EXP_MAX_TEMPERATURE
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if isinstance(self.kernel, tuple):
+            data["kernel"] = list(self.kernel)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MacformerConfig:
+        """Build from a mapping; unknown keys are an error (typos must not pass silently)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"MacformerConfig: unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
+            )
+        return cls(**data)

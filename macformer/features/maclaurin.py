@@ -1,0 +1,130 @@
+"""Random Maclaurin features (Kar & Karnick, 2012) for dot-product kernels with a_n >= 0."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from macformer.features.base import FeatureMap
+from macformer.kernels import DotProductKernel, get_kernel
+
+__all__ = ["RandomMaclaurinFeatures", "degree_distribution"]
+
+
+def degree_distribution(p: float, min_degree: int, max_degree: int | None) -> tuple[float, float]:
+    """(ratio r, normaliser) of P(N = n) = r^(n - min_degree) (1 - r) / normaliser on
+    [min_degree, max_degree], with r = 1/p. Untruncated from degree 0 this is Kar & Karnick's
+    P(N = n) = p^-(n+1) at p = 2; for other p it is the normalised geometric law."""
+    ratio = 1.0 / p
+    support = math.inf if max_degree is None else max_degree - min_degree + 1
+    return ratio, 1.0 - ratio**support
+
+
+class RandomMaclaurinFeatures(FeatureMap):
+    """phi(x) in R^D with E[phi(x) . phi(y)] = f(x . y) for a dot-product kernel f, on the map's
+    own input (no scaling inside the map: scale q and k before it, e.g. with ppSBN).
+
+    Each random feature draws a degree N ~ P(N = n) ∝ p^-n and N Rademacher vectors w_1..w_N, and
+    is sqrt(a_N / P(N) / D_rand) * prod_j (w_j . x). Then E[feature(x) feature(y)] = sum_n a_n t^n / D_rand.
+
+    Args:
+        dim: input dimension d.
+        num_features: output dimension D.
+        kernel: a kernel name ("exp", "inverse", "log", "trigh", "sqrt"), a DotProductKernel, or a
+            coefficient list.
+        p: parameter of the degree distribution (> 1). Larger p favours low degrees. The variance
+            is finite only where p * |x|^2 * |y|^2 < 1 for radius-1 kernels (ppSBN ensures it).
+        seed: seed of the draws (None: drawn from torch's global RNG).
+        constant_feature: use one deterministic feature sqrt(a_0) for the degree-0 term instead of
+            sampling degree 0 (lower variance); the other D - 1 features sample degrees >= 1.
+        max_degree: sample degrees up to this value only, with P renormalised on the truncated
+            support. The map then estimates the partial sum sum_{n<=max_degree} a_n t^n exactly; the
+            bias is the tail sum_{n>max_degree} a_n t^n (at most a_{M+1}|t|^{M+1}/(1-|t|) for
+            kernels with non-increasing a_n, e.g. < 1e-9 for exp at |t| <= 1 and M = 12).
+            Polynomial kernels are truncated at their degree automatically, without bias.
+        redraw_interval: redraw every this many training forward passes (see FeatureMap).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_features: int,
+        kernel: str | DotProductKernel | Sequence[float] = "exp",
+        p: float = 2.0,
+        seed: int | None = None,
+        constant_feature: bool = False,
+        max_degree: int | None = None,
+        redraw_interval: int | None = None,
+    ) -> None:
+        super().__init__(dim, num_features, seed, redraw_interval)
+        self.kernel = get_kernel(kernel)
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not p > 1.0 or not math.isfinite(p):
+            raise ValueError(f"p must be a finite number > 1 (P(N=n) ∝ p^-n must be summable), got {p!r}")
+        if max_degree is not None and (isinstance(max_degree, bool) or not isinstance(max_degree, int)
+                                       or max_degree < 0):
+            raise ValueError(f"max_degree must be a non-negative integer or None, got {max_degree!r}")
+        if constant_feature and num_features < 2:
+            raise ValueError("constant_feature=True needs num_features >= 2 (one constant, one random)")
+        if self.kernel.max_degree is not None:
+            max_degree = self.kernel.max_degree if max_degree is None else min(max_degree, self.kernel.max_degree)
+        if constant_feature and max_degree == 0:
+            raise ValueError("constant_feature=True with max_degree=0 leaves no degree to sample")
+        self.p = float(p)
+        self.constant_feature = constant_feature
+        self.max_degree = max_degree
+        # Degrees sorted ascending so that features of one degree are contiguous; `weights` stacks
+        # their Rademacher vectors in the same order (feature i owns degrees[i] consecutive rows).
+        self.register_buffer("degrees", torch.zeros(num_features, dtype=torch.int64))
+        self.register_buffer("scales", torch.zeros(num_features))
+        self.register_buffer("weights", torch.zeros(0, dim))
+        self._degree_groups: list[tuple[int, int]] = []
+        self._draw(self._generator())
+
+    def _draw(self, generator: torch.Generator) -> None:
+        num_random = self.num_features - int(self.constant_feature)
+        min_degree = int(self.constant_feature)
+        ratio, normaliser = degree_distribution(self.p, min_degree, self.max_degree)
+        # Inverse CDF of the (truncated) geometric law: P(N - min_degree >= k) ∝ r^k - r^support.
+        uniforms = torch.rand(num_random, generator=generator, dtype=torch.float64)
+        offsets = torch.floor(torch.log1p(-uniforms * normaliser) / math.log(ratio))
+        if self.max_degree is not None:
+            offsets = offsets.clamp(max=self.max_degree - min_degree)
+        degrees = (offsets.long() + min_degree).sort().values
+        log_prob = (degrees - min_degree).double() * math.log(ratio) + math.log((1 - ratio) / normaliser)
+        coefficients = self.kernel.coefficients(int(degrees.max()) if num_random else 0)
+        scales = torch.sqrt(coefficients[degrees] * torch.exp(-log_prob) / num_random)
+        if self.constant_feature:
+            degrees = torch.cat([torch.zeros(1, dtype=torch.int64), degrees])
+            scales = torch.cat([coefficients[:1].sqrt(), scales])
+        total = int(degrees.sum())
+        rademacher = torch.randint(0, 2, (total, self.dim), generator=generator).float() * 2 - 1
+        self._set_buffer("degrees", degrees)
+        self._set_buffer("scales", scales.float())
+        self._set_buffer("weights", rademacher)
+        self._buffers_changed()
+
+    def _buffers_changed(self) -> None:
+        values, counts = torch.unique_consecutive(self.degrees.cpu(), return_counts=True)
+        self._degree_groups = list(zip(values.tolist(), counts.tolist(), strict=True))
+
+    def forward(self, x: torch.Tensor, is_query: bool = False) -> torch.Tensor:
+        # One matmul for every projection w_j . x, then one product per degree group.
+        projections = x @ self.weights.T.to(x.dtype)
+        lead = x.shape[:-1]
+        pieces, start = [], 0
+        for degree, count in self._degree_groups:
+            if degree == 0:
+                pieces.append(x.new_ones(*lead, count))
+                continue
+            stop = start + degree * count
+            pieces.append(projections[..., start:stop].reshape(*lead, count, degree).prod(-1))
+            start = stop
+        return torch.cat(pieces, dim=-1) * self.scales.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, kernel={self.kernel.name}, p={self.p}, "
+            f"constant_feature={self.constant_feature}, max_degree={self.max_degree}"
+        )

@@ -1,0 +1,107 @@
+"""Weight-matrix samplers for Gaussian-based random features (the Spectraformer weight family).
+
+Each sampler returns a [num_rows, dim] matrix whose rows are (marginally, or in their moments)
+standard Gaussian vectors: the estimators built on them stay unbiased while the structure lowers
+their variance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["SAMPLERS", "get_sampler", "hadamard"]
+
+Sampler = Callable[[int, int, torch.Generator], torch.Tensor]
+
+
+def gaussian(num_rows: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+    """I.i.d. N(0, 1) entries."""
+    return torch.randn(num_rows, dim, generator=generator)
+
+
+def _chi_norms(num_rows: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+    # Norms of independent Gaussian vectors: chi(dim) distributed, as the rows of a Gaussian matrix.
+    return torch.randn(num_rows, dim, generator=generator).norm(dim=-1, keepdim=True)
+
+
+def orthogonal(num_rows: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+    """ORF: stacked blocks of orthonormal rows (Haar-distributed), each row rescaled by a chi(dim) norm.
+
+    Every row is marginally N(0, I); rows within a block are exactly orthogonal.
+    """
+    blocks = []
+    for _ in range(-(-num_rows // dim)):
+        q, r = torch.linalg.qr(torch.randn(dim, dim, generator=generator))
+        blocks.append((q * torch.sign(torch.diagonal(r))).T)  # sign fix makes Q Haar-distributed
+    directions = torch.cat(blocks)[:num_rows]
+    return directions * _chi_norms(num_rows, dim, generator)
+
+
+def hadamard(size: int) -> torch.Tensor:
+    """The normalised Sylvester-Hadamard matrix H / sqrt(size): orthonormal rows (size a power of 2)."""
+    if size < 1 or size & (size - 1):
+        raise ValueError(f"Hadamard size must be a power of two, got {size}")
+    matrix = torch.ones(1, 1)
+    while matrix.shape[0] < size:
+        matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)])
+    return matrix / size**0.5
+
+
+def structured_orthogonal(num_rows: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+    """SORF: blocks sqrt(n) * H D1 H D2 H D3 with H the *normalised* Hadamard matrix and D_i random
+    sign diagonals (n = dim rounded up to a power of two; the first `dim` columns are kept).
+
+    Each block has orthogonal rows of norm sqrt(n); keeping `dim` of n columns leaves squared row
+    norms of dim on average, as for a Gaussian row. Without the 1/sqrt(n) in each H the norms
+    would be n^1.5 times too large.
+    """
+    size = 1 << (dim - 1).bit_length()
+    h = hadamard(size)
+    blocks = []
+    for _ in range(-(-num_rows // size)):
+        signs = torch.randint(0, 2, (3, size), generator=generator) * 2.0 - 1.0
+        block = torch.eye(size)
+        for diagonal in signs:
+            block = block @ h * diagonal  # (block @ H) D_i
+        blocks.append(block * size**0.5)
+    return torch.cat(blocks)[:num_rows, :dim]
+
+
+def quasi_monte_carlo(num_rows: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+    """QMC: a scrambled Sobol sequence mapped through the inverse normal CDF."""
+    seed = int(torch.randint(0, 2**31 - 1, (), generator=generator))
+    uniforms = torch.quasirandom.SobolEngine(dim, scramble=True, seed=seed).draw(num_rows, dtype=torch.float64)
+    tiny = torch.finfo(torch.float32).eps
+    return torch.special.ndtri(uniforms.clamp(tiny, 1 - tiny)).float()
+
+
+def moment_matched(num_rows: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+    """MM: Gaussian rows transformed to exactly zero sample mean and identity sample covariance."""
+    if num_rows <= dim:
+        raise ValueError(
+            f"moment-matched weights need more rows than dim to have identity covariance "
+            f"(got {num_rows} rows for dim {dim}); raise num_features or use the 'orthogonal' sampler"
+        )
+    samples = torch.randn(num_rows, dim, generator=generator, dtype=torch.float64)
+    centred = samples - samples.mean(0)
+    covariance = centred.T @ centred / num_rows
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+    inverse_sqrt = eigenvectors @ torch.diag(eigenvalues.rsqrt()) @ eigenvectors.T
+    return (centred @ inverse_sqrt).float()
+
+
+SAMPLERS: dict[str, Sampler] = {
+    "gaussian": gaussian,
+    "orthogonal": orthogonal,
+    "sorf": structured_orthogonal,
+    "qmc": quasi_monte_carlo,
+    "moment_matched": moment_matched,
+}
+
+
+def get_sampler(name: str) -> Sampler:
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown weight sampler {name!r}; valid choices: {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]

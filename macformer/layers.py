@@ -1,0 +1,122 @@
+"""Transformer layers: multi-head attention of any configured type, and the pre-norm block."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from macformer.attention import causal_feature_attention, feature_attention, kernel_attention, softmax_attention
+from macformer.config import FEATURE_ATTENTIONS, MacformerConfig
+from macformer.features import FeatureMap, PositiveRandomFeatures, RandomFourierFeatures, RandomMaclaurinFeatures
+from macformer.ppsbn import PostSBN, PreSBN
+
+
+@dataclass
+class LayerCache:
+    """Decoding memory of one attention layer: the O(D d) state S' of a feature attention, or the
+    growing keys and values of softmax / exact kernel attention."""
+
+    state: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+
+def build_feature_map(config: MacformerConfig, seed: int) -> FeatureMap:
+    common = {"seed": seed, "redraw_interval": config.feature_redraw_interval}
+    if config.attention == "rmfa":
+        return RandomMaclaurinFeatures(
+            config.head_dim, config.num_features, kernel=config.kernel, p=config.p,
+            constant_feature=config.constant_feature, max_degree=config.max_degree, **common,
+        )
+    if config.attention == "rfa":
+        return RandomFourierFeatures(
+            config.head_dim, config.num_features, learned_sigma=config.rfa_learned_sigma,
+            num_heads=config.num_heads, **common,
+        )
+    return PositiveRandomFeatures(config.head_dim, config.num_features, sampler=config.favor_sampler, **common)
+
+
+class MacformerAttention(nn.Module):
+    """Multi-head attention. q and k are first brought to the scale the kernel is evaluated at
+    (preSBN; else l2-normalised for rfa, d^-1/4 each otherwise, which makes softmax standard
+    scaled dot-product attention), then attended with the configured mechanism."""
+
+    def __init__(self, config: MacformerConfig, layer_index: int) -> None:
+        super().__init__()
+        self.config = config
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        self.out = nn.Linear(config.d_model, config.d_model)
+        self.pre_sbn = self.post_sbn = None
+        if config.ppsbn:
+            self.pre_sbn = PreSBN(
+                config.num_heads, config.head_dim, config.resolved_max_temperature(),
+                learnable=config.ppsbn_learnable_temperature,
+            )
+            self.post_sbn = PostSBN(config.d_model)
+        self.feature_map = None
+        if config.attention in FEATURE_ATTENTIONS:
+            self.feature_map = build_feature_map(config, seed=config.seed * 10_007 + layer_index)
+        self.gate = nn.Linear(config.d_model, config.num_heads) if config.rfa_gate else None
+
+    def _scale(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_sbn is not None:
+            return self.pre_sbn(x)
+        if self.config.attention == "rfa":
+            return F.normalize(x, dim=-1)
+        return x * self.config.head_dim**-0.25
+
+    def forward(
+        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        """x: [batch, seq, d_model]; key_padding_mask: [batch, seq], True at padding. With a cache
+        (causal decoding), x holds the new tokens and the cache is updated in place."""
+        batch, length, _ = x.shape
+        config = self.config
+        q, k, v = self.qkv(x).view(batch, length, 3, config.num_heads, config.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self._scale(q), self._scale(k)
+        gate = torch.sigmoid(self.gate(x)).transpose(1, 2) if self.gate is not None else None
+        if self.feature_map is not None:
+            self.feature_map.maybe_redraw()
+            if cache is None:
+                out = feature_attention(q, k, v, self.feature_map, config.causal, key_padding_mask, gate,
+                                        config.chunk_size)
+            else:
+                out, cache.state = causal_feature_attention(
+                    q, k, v, self.feature_map, cache.state, key_padding_mask, gate, config.chunk_size
+                )
+        else:
+            if cache is not None:
+                cache.keys = k if cache.keys is None else torch.cat([cache.keys, k], dim=2)
+                cache.values = v if cache.values is None else torch.cat([cache.values, v], dim=2)
+                k, v = cache.keys, cache.values
+            if config.attention == "softmax":
+                out = softmax_attention(q, k, v, config.causal, key_padding_mask, scale=1.0)
+            else:
+                out = kernel_attention(q, k, v, config.kernel, config.causal, key_padding_mask)
+        out = out.transpose(1, 2).reshape(batch, length, config.d_model)
+        if self.post_sbn is not None:
+            out = self.post_sbn(out)
+        return self.out(out)
+
+
+class MacformerBlock(nn.Module):
+    """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: MacformerConfig, layer_index: int) -> None:
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(config.d_model)
+        self.attention = MacformerAttention(config, layer_index)
+        self.mlp_norm = nn.LayerNorm(config.d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(config.d_model, config.d_ff), nn.GELU(), nn.Linear(config.d_ff, config.d_model)
+        )
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        x = x + self.dropout(self.attention(self.attention_norm(x), key_padding_mask, cache))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
