@@ -60,7 +60,7 @@ def _partial_sum(coefficients: Sequence[float], t: torch.Tensor) -> torch.Tensor
 
 
 def _exp_coefficient(n: int) -> float:
-    return 1.0 / math.factorial(n)
+    return math.exp(-math.lgamma(n + 1))  # 1/n!, underflowing to 0 instead of overflowing n!
 
 
 def _log_coefficient(n: int) -> float:

@@ -1,0 +1,249 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import presbn_like
+from macformer.attention import (
+    causal_feature_attention,
+    causal_linear_attention,
+    feature_attention,
+    kernel_attention,
+    naive_feature_attention,
+    recurrent_step,
+    softmax_attention,
+)
+from macformer.features import PositiveRandomFeatures, RandomFourierFeatures, RandomMaclaurinFeatures
+
+B, H, D_HEAD = 2, 3, 16
+
+
+def _qkv(length: int, dv: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return presbn_like((B, H, length, D_HEAD)), presbn_like((B, H, length, D_HEAD)), torch.randn(B, H, length, dv)
+
+
+def _padding(length: int) -> torch.Tensor:
+    mask = torch.zeros(B, length, dtype=torch.bool)
+    mask[1, length - length // 3:] = True
+    return mask
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _reference(q, k, v, feature_map, causal, padding=None, gate=None):
+    keep = 1.0 if padding is None else (~padding)[:, None, :, None].float()
+    return naive_feature_attention(feature_map(q, is_query=True), feature_map(k) * keep, v * keep, causal, padding, gate)
+
+
+MAPS = {
+    "rmfa": lambda: RandomMaclaurinFeatures(D_HEAD, 64, seed=0),
+    "rfa": lambda: RandomFourierFeatures(D_HEAD, 64, seed=0),
+    "favor": lambda: PositiveRandomFeatures(D_HEAD, 64, seed=0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MAPS))
+@pytest.mark.parametrize("length", [1, 7, 33, 64])
+@pytest.mark.parametrize("chunk_size", [1, 5, 16, 64])
+@pytest.mark.parametrize("gated", [False, True])
+def test_chunked_causal_matches_naive(name: str, length: int, chunk_size: int, gated: bool) -> None:
+    q, k, v = _qkv(length)
+    padding = _padding(length)
+    gate = torch.sigmoid(torch.randn(B, H, length)) if gated else None
+    feature_map = MAPS[name]()
+    fast = feature_attention(q, k, v, feature_map, True, padding, gate, chunk_size=chunk_size)
+    torch.testing.assert_close(fast, _reference(q, k, v, feature_map, True, padding, gate), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(MAPS))
+def test_noncausal_matches_naive(name: str) -> None:
+    q, k, v = _qkv(29)
+    padding = _padding(29)
+    feature_map = MAPS[name]()
+    fast = feature_attention(q, k, v, feature_map, False, padding)
+    torch.testing.assert_close(fast, _reference(q, k, v, feature_map, False, padding), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_recurrent_steps_match_chunked_and_naive(gated: bool) -> None:
+    length = 23
+    q, k, v = _qkv(length)
+    feature_map = RandomMaclaurinFeatures(D_HEAD, 64, seed=0)
+    phi_q, phi_k = feature_map(q, is_query=True), feature_map(k)
+    gate = torch.sigmoid(torch.randn(B, H, length)) if gated else None
+    log_gate = None if gate is None else gate.log()
+    state, steps = None, []
+    for t in range(length):
+        out, state = recurrent_step(phi_q[:, :, t:t + 1], phi_k[:, :, t:t + 1], v[:, :, t:t + 1], state,
+                                    None if log_gate is None else log_gate[:, :, t:t + 1])
+        steps.append(out)
+    assert state.shape == (B, H, 64, v.shape[-1] + 1)  # O(D d_v) per head, whatever the length
+    chunked, final = causal_linear_attention(phi_q, phi_k, v, log_gate, chunk_size=4)
+    naive = naive_feature_attention(phi_q, phi_k, v, causal=True, gate=gate)
+    torch.testing.assert_close(torch.cat(steps, 2), naive, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunked, naive, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(final, state, atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_then_decode_continues_the_sequence() -> None:
+    q, k, v = _qkv(20)
+    feature_map = RandomMaclaurinFeatures(D_HEAD, 64, seed=0)
+    full = feature_attention(q, k, v, feature_map, causal=True)
+    prefix, state = causal_feature_attention(q[:, :, :12], k[:, :, :12], v[:, :, :12], feature_map, chunk_size=5)
+    outs = [prefix]
+    for t in range(12, 20):
+        out, state = causal_feature_attention(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], feature_map, state)
+        outs.append(out)
+    torch.testing.assert_close(torch.cat(outs, 2), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["exp", "inverse", "log", "sqrt"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_rmfa_converges_to_kernel_attention(kernel: str, causal: bool) -> None:
+    q, k, v = _qkv(48)
+    padding = _padding(48)
+    exact = kernel_attention(q, k, v, kernel, causal, padding)
+    errors = []
+    for num_features in (32, 512, 8192):
+        draws = [
+            _relative_error(feature_attention(q, k, v, RandomMaclaurinFeatures(D_HEAD, num_features, kernel, seed=s,
+                                                                               constant_feature=True),
+                                              causal, padding), exact)
+            for s in range(3)
+        ]
+        errors.append(sum(draws) / len(draws))
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 0.02 and errors[0] / errors[2] > 5  # 1/sqrt(D) predicts 16
+
+
+def test_exp_kernel_with_matching_scaling_is_softmax() -> None:
+    q, k, v = torch.randn(B, H, 40, D_HEAD), torch.randn(B, H, 40, D_HEAD), torch.randn(B, H, 40, 8)
+    padding = _padding(40)
+    scale = D_HEAD**-0.25
+    for causal in (False, True):
+        exact = kernel_attention(q * scale, k * scale, v, "exp", causal, padding)
+        torch.testing.assert_close(exact, softmax_attention(q, k, v, causal, padding), atol=1e-5, rtol=1e-5)
+    small_q, small_k = q * 0.3 * scale, k * 0.3 * scale
+    target = softmax_attention(small_q, small_k, v, False, padding, scale=1.0)
+    for feature_map in (RandomMaclaurinFeatures(D_HEAD, 4096, "exp", seed=0, constant_feature=True),
+                        PositiveRandomFeatures(D_HEAD, 4096, seed=0)):
+        assert _relative_error(feature_attention(small_q, small_k, v, feature_map, False, padding), target) < 0.03
+
+
+def test_fourier_attention_approximates_softmax_of_unit_vectors() -> None:
+    q, k = (torch.nn.functional.normalize(torch.randn(B, H, 40, D_HEAD), dim=-1) for _ in range(2))
+    v = torch.randn(B, H, 40, 8)
+    target = softmax_attention(q, k, v, scale=1.0)
+    out = feature_attention(q, k, v, RandomFourierFeatures(D_HEAD, 8192, seed=0))
+    assert _relative_error(out, target) < 0.05
+
+
+def test_padding_keys_contribute_nothing() -> None:
+    q, k, v = _qkv(30)
+    padding = _padding(30)
+    feature_map = RandomMaclaurinFeatures(D_HEAD, 64, seed=0)
+    garbage_k, garbage_v = k.clone(), v.clone()
+    garbage_k[padding[:, None, :, None].expand_as(k)] = 5.0
+    garbage_v[padding[:, None, :, None].expand_as(v)] = 1e4
+    for causal in (False, True):
+        torch.testing.assert_close(
+            feature_attention(q, garbage_k, garbage_v, feature_map, causal, padding),
+            feature_attention(q, k, v, feature_map, causal, padding),
+        )
+
+
+def test_stabiliser_leaves_well_behaved_rows_alone_and_never_gives_nan() -> None:
+    q, k, v = _qkv(64)
+    feature_map = RandomMaclaurinFeatures(D_HEAD, 256, seed=0, constant_feature=True)
+    phi_q, phi_k = feature_map(q, is_query=True), feature_map(k)
+    scores = (phi_q @ phi_k.transpose(-1, -2)).tril()
+    plain = scores @ v / scores.sum(-1, keepdim=True)  # the unguarded ratio, first row included
+    torch.testing.assert_close(feature_attention(q, k, v, feature_map, causal=True), plain, atol=1e-5, rtol=1e-5)
+    # Adversarial features: opposite signs make single-key denominators negative or exactly zero.
+    phi_k_bad = -phi_q
+    out, _ = causal_linear_attention(phi_q.requires_grad_(), phi_k_bad, v)
+    out.sum().backward()
+    assert out.isfinite().all() and phi_q.grad.isfinite().all()
+    zero = torch.zeros(1, 1, 4, 8)
+    out, _ = causal_linear_attention(zero, zero, torch.randn(1, 1, 4, 3))
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_fully_padded_rows_give_zero_not_nan() -> None:
+    q, k, v = _qkv(6)
+    padding = torch.ones(B, 6, dtype=torch.bool)
+    feature_map = RandomMaclaurinFeatures(D_HEAD, 32, seed=0)
+    for result in (feature_attention(q, k, v, feature_map, False, padding),
+                   kernel_attention(q, k, v, "exp", False, padding),
+                   softmax_attention(q, k, v, False, padding)):
+        assert torch.equal(result, torch.zeros_like(result))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_16k_tokens_in_bf16_autocast_are_finite(causal: bool) -> None:
+    length = 16_384
+    q, k = presbn_like((1, 2, length, 32)), presbn_like((1, 2, length, 32))
+    v = torch.randn(1, 2, length, 32)
+    q, k, v = (t.bfloat16().requires_grad_() for t in (q, k, v))
+    feature_map = RandomMaclaurinFeatures(32, 64, seed=0, constant_feature=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = feature_attention(q, k, v, feature_map, causal=causal, chunk_size=128)
+    assert out.dtype == torch.bfloat16
+    out.float().square().mean().backward()
+    assert out.isfinite().all()
+    assert all(t.grad.isfinite().all() for t in (q, k, v))
+
+
+def test_kernel_attention_rejects_inputs_outside_the_radius() -> None:
+    q = torch.ones(1, 1, 2, 4)
+    with pytest.raises(ValueError, match="radius of convergence"):
+        kernel_attention(q, q, q, "inverse")
+
+
+def test_bad_attention_arguments_raise() -> None:
+    q, k, v = _qkv(8)
+    feature_map = RandomMaclaurinFeatures(D_HEAD, 16, seed=0)
+    with pytest.raises(ValueError, match=r"\[batch, heads, seq, head_dim\]"):
+        feature_attention(q[0], k[0], v[0], feature_map)
+    with pytest.raises(ValueError, match="key_padding_mask must be"):
+        feature_attention(q, k, v, feature_map, key_padding_mask=torch.zeros(B, 9, dtype=torch.bool))
+    with pytest.raises(ValueError, match="needs causal=True"):
+        feature_attention(q, k, v, feature_map, gate=torch.full((B, H, 8), 0.5))
+    with pytest.raises(ValueError, match="gate must be"):
+        feature_attention(q, k, v, feature_map, causal=True, gate=torch.full((B, H, 7), 0.5))
+    with pytest.raises(ValueError, match="chunk_size"):
+        feature_attention(q, k, v, feature_map, causal=True, chunk_size=0)
+    with pytest.raises(ValueError, match="disagree"):
+        feature_attention(q, k[:, :, :5], v, feature_map)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    heads=st.integers(1, 3),
+    length=st.integers(1, 40),
+    dv=st.integers(1, 9),
+    chunk=st.integers(1, 17),
+    causal=st.booleans(),
+    pad_seed=st.integers(0, 2**16),
+)
+def test_shapes_and_masks_property(batch, heads, length, dv, chunk, causal, pad_seed) -> None:
+    generator = torch.Generator().manual_seed(pad_seed)
+    q = torch.randn(batch, heads, length, 8, generator=generator) * 0.3
+    k = torch.randn(batch, heads, length, 8, generator=generator) * 0.3
+    v = torch.randn(batch, heads, length, dv, generator=generator)
+    padding = torch.rand(batch, length, generator=generator) < 0.3
+    feature_map = RandomMaclaurinFeatures(8, 24, seed=pad_seed)
+    out = feature_attention(q, k, v, feature_map, causal, padding, chunk_size=chunk)
+    assert out.shape == (batch, heads, length, dv) and out.isfinite().all()
+    reference = _reference(q, k, v, feature_map, causal, padding)
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=1e-4)
+    # Rows that see no real key (all of their visible keys padded) are exactly zero.
+    visible = (~padding).float()
+    visible = visible.cumsum(-1) if causal else visible.sum(-1, keepdim=True).expand(-1, length)
+    assert torch.all(out[(visible == 0)[:, None, :].expand(-1, heads, -1)] == 0)
+    assert math.isfinite(float(out.sum()))
