@@ -2,10 +2,10 @@ import math
 
 import pytest
 import torch
+from conftest import presbn_like
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import presbn_like
 from macformer.attention import (
     causal_feature_attention,
     causal_linear_attention,
@@ -36,7 +36,8 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _reference(q, k, v, feature_map, causal, padding=None, gate=None):
     keep = 1.0 if padding is None else (~padding)[:, None, :, None].float()
-    return naive_feature_attention(feature_map(q, is_query=True), feature_map(k) * keep, v * keep, causal, padding, gate)
+    query_features, key_features = feature_map(q, is_query=True), feature_map(k) * keep
+    return naive_feature_attention(query_features, key_features, v * keep, causal, padding, gate)
 
 
 MAPS = {

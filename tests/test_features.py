@@ -2,8 +2,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import unit_rows
+
 from macformer.features import (
     SAMPLERS,
     PositiveRandomFeatures,
@@ -55,7 +55,8 @@ def test_maclaurin_error_shrinks_like_inverse_sqrt_d(name: str) -> None:
     errors = []
     dims = [64, 256, 1024, 4096]
     for num_features in dims:
-        estimates = _estimates(lambda s: RandomMaclaurinFeatures(DIM, num_features, kernel=name, seed=s), x, y, 8)
+        make = lambda s, size=num_features: RandomMaclaurinFeatures(DIM, size, kernel=name, seed=s)
+        estimates = _estimates(make, x, y, 8)
         errors.append((estimates - exact).square().mean().sqrt().item())
     slope = (math.log(errors[-1]) - math.log(errors[0])) / (math.log(dims[-1]) - math.log(dims[0]))
     assert -0.7 < slope < -0.3, (errors, slope)

@@ -1,0 +1,173 @@
+import math
+
+import pytest
+import torch
+
+from macformer import MacformerConfig, MacformerForCausalLM, MacformerForSequenceClassification
+from macformer.config import ATTENTIONS
+
+VOCAB = 40
+
+
+def _lm(attention: str, **overrides) -> MacformerForCausalLM:
+    settings = {"vocab_size": VOCAB, "max_seq_len": 128, "d_model": 32, "num_heads": 2, "d_ff": 64,
+                "num_features": 32, **overrides}
+    return MacformerForCausalLM(MacformerConfig(attention=attention, causal=True, **settings))
+
+
+LM_VARIANTS = [
+    ("softmax", {}), ("kernel", {}), ("kernel", {"kernel": "inverse"}), ("rmfa", {}),
+    ("rmfa", {"kernel": "log"}), ("rmfa", {"kernel": "sqrt", "ppsbn": True}), ("rfa", {}),
+    ("rfa", {"rfa_gate": True, "rfa_learned_sigma": True}), ("favor", {}), ("rmfa", {"ppsbn": False}),
+]
+
+
+@pytest.mark.parametrize(("attention", "overrides"), LM_VARIANTS)
+def test_incremental_decoding_matches_the_full_forward(attention: str, overrides: dict) -> None:
+    model = _lm(attention, chunk_size=4, **overrides).eval()
+    tokens = torch.randint(0, VOCAB, (2, 19))
+    full = model(tokens).logits
+    caches = model.new_caches()
+    pieces = [model.lm_head(model.model(tokens[:, :7], caches=caches))]
+    for t in range(7, 19):
+        pieces.append(model.lm_head(model.model(tokens[:, t:t + 1], caches=caches, position_offset=t)))
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
+    if attention in ("rmfa", "rfa", "favor"):  # constant-size recurrent state, no KV cache
+        assert all(c.keys is None and c.state.shape[-2:] == (32, 17) for c in caches)
+
+
+def test_generate_greedy_follows_argmax_and_stops_at_eos() -> None:
+    model = _lm("rmfa").eval()
+    prompt = torch.randint(0, VOCAB, (2, 5))
+    generated = model.generate(prompt, max_new_tokens=6, temperature=0)
+    assert generated.shape == (2, 11) and torch.equal(generated[:, :5], prompt)
+    for t in range(5, 11):
+        torch.testing.assert_close(generated[:, t], model(generated[:, :t]).logits[:, -1].argmax(-1))
+    first = int(generated[0, 5])
+    stopped = model.generate(prompt[:1], max_new_tokens=6, temperature=0, eos_token_id=first)
+    assert stopped.shape == (1, 6)
+    sampled = model.generate(prompt, 4, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(0))
+    assert sampled.shape == (2, 9) and model.training is False
+
+
+def test_save_load_round_trip_reproduces_outputs(tmp_path) -> None:
+    model = _lm("rmfa", feature_redraw_interval=2)
+    model.train()
+    tokens = torch.randint(0, VOCAB, (2, 16))
+    for _ in range(3):  # redraw at least once: the reload must carry the current draws, not the initial ones
+        model(tokens)
+    model.eval()
+    expected = model(tokens).logits
+    model.save_pretrained(tmp_path)
+    restored = MacformerForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(restored(tokens).logits, expected)
+    with pytest.raises(ValueError, match="not a MacformerForSequenceClassification"):
+        MacformerForSequenceClassification.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="not found"):
+        MacformerForCausalLM.from_pretrained(tmp_path / "missing")
+
+
+def test_eval_is_deterministic_and_redraw_changes_outputs() -> None:
+    model = _lm("rmfa").eval()
+    tokens = torch.randint(0, VOCAB, (1, 24))
+    first = model(tokens).logits
+    assert torch.equal(model(tokens).logits, first)
+    for block in model.model.blocks:
+        block.attention.feature_map.redraw()
+    assert not torch.allclose(model(tokens).logits, first)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_classifier_ignores_padding(pooling: str) -> None:
+    config = MacformerConfig(num_classes=5, vocab_size=VOCAB, max_seq_len=64, d_model=32, pooling=pooling)
+    model = MacformerForSequenceClassification(config).eval()
+    tokens = torch.randint(0, VOCAB, (2, 30))
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[1, 20:] = 0
+    logits = model(tokens, mask).logits
+    other = tokens.clone()
+    other[1, 20:] = (other[1, 20:] + 7) % VOCAB
+    torch.testing.assert_close(model(other, mask).logits, logits)
+    torch.testing.assert_close(model(tokens[1:, :20]).logits, logits[1:], atol=1e-5, rtol=1e-5)
+
+
+def test_dual_encoder_retrieval_head() -> None:
+    config = MacformerConfig(num_classes=2, vocab_size=VOCAB, max_seq_len=64, d_model=32, dual_encoder=True)
+    model = MacformerForSequenceClassification(config)
+    a, b = torch.randint(0, VOCAB, (3, 20)), torch.randint(0, VOCAB, (3, 25))
+    out = model(a, labels=torch.tensor([0, 1, 1]), pair_input_ids=b)
+    assert out.logits.shape == (3, 2) and out.loss.isfinite()
+    with pytest.raises(ValueError, match="pair_input_ids"):
+        model(a)
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_tiny_lm_learns_a_repeating_pattern(attention: str) -> None:
+    torch.manual_seed(0)
+    model = _lm(attention)
+    pattern = torch.arange(8).repeat(8)[None].expand(4, -1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        loss = model(pattern, labels=pattern).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.25 * losses[0] and math.isfinite(losses[-1])
+
+
+def test_model_trains_finite_at_16k_tokens_in_bf16() -> None:
+    model = _lm("rmfa", max_seq_len=16_384, chunk_size=128)
+    tokens = torch.randint(0, VOCAB, (1, 16_384))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(tokens, labels=tokens).loss
+    loss.backward()
+    assert loss.isfinite()
+    assert all(p.grad.isfinite().all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"attention": "linear"}, "attention: expected one of softmax, rmfa, rfa, favor, kernel"),
+        ({"kernel": "gauss"}, "kernel: expected one of exp"),
+        ({"kernel": [1.0, -1.0]}, "a_1 = -1.0"),
+        ({"num_features": -8}, "num_features: expected a positive integer"),
+        ({"num_features": 0}, "num_features"),
+        ({"d_model": 30, "num_heads": 4}, "multiple of num_heads"),
+        ({"p": 0.5}, "p: expected a finite number > 1"),
+        ({"dropout": 1.5}, "dropout"),
+        ({"kernel": "inverse", "ppsbn": False}, "ppsbn: expected True"),
+        ({"attention": "rfa", "num_features": 33}, "even number"),
+        ({"rfa_gate": True}, "rfa_gate"),
+        ({"ppsbn_max_temperature": 1.5, "kernel": "log"}, "below the kernel's radius"),
+        ({"pooling": "max"}, "pooling: expected one of mean, cls"),
+        ({"num_classes": 1}, "at least 2"),
+        ({"favor_sampler": "sobol"}, "favor_sampler"),
+        ({"chunk_size": 0}, "chunk_size"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        MacformerConfig(**kwargs)
+
+
+def test_config_round_trips_and_rejects_unknown_fields() -> None:
+    config = MacformerConfig(kernel=[1.0, 0.5], num_features=64)
+    assert MacformerConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match=r"unknown field.*num_feature"):
+        MacformerConfig.from_dict({"num_feature": 64})
+    assert MacformerConfig(kernel="inverse").resolved_max_temperature() == pytest.approx(0.99 / 2**0.5)
+
+
+def test_models_reject_mismatched_configs_and_inputs() -> None:
+    with pytest.raises(ValueError, match="causal=True"):
+        MacformerForCausalLM(MacformerConfig())
+    with pytest.raises(ValueError, match="num_classes"):
+        MacformerForSequenceClassification(MacformerConfig())
+    model = _lm("rmfa")
+    with pytest.raises(ValueError, match="exceeds max_seq_len=128"):
+        model(torch.zeros(1, 129, dtype=torch.long))
+    with pytest.raises(ValueError, match="vocab_size"):
+        model(torch.full((1, 4), VOCAB))
