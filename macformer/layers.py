@@ -29,7 +29,8 @@ def build_feature_map(config: MacformerConfig, seed: int) -> FeatureMap:
     if config.attention == "rmfa":
         return RandomMaclaurinFeatures(
             config.head_dim, config.num_features, kernel=config.kernel, p=config.p,
-            constant_feature=config.constant_feature, max_degree=config.max_degree, **common,
+            constant_feature=config.constant_feature, linear_features=config.linear_features,
+            max_degree=config.max_degree, **common,
         )
     if config.attention == "rfa":
         return RandomFourierFeatures(

@@ -35,11 +35,15 @@ def _assert_unbiased(estimates: torch.Tensor, exact: torch.Tensor) -> None:
     assert torch.all((mean - exact.double()).abs() <= 5 * stderr + 1e-6), (mean, exact, stderr)
 
 
+EXACT_TERMS = {"none": {}, "constant": {"constant_feature": True},
+               "constant+linear": {"constant_feature": True, "linear_features": True}}
+
+
 @pytest.mark.parametrize("name", KERNEL_NAMES)
-@pytest.mark.parametrize("constant_feature", [False, True])
-def test_maclaurin_estimator_is_unbiased(name: str, constant_feature: bool) -> None:
+@pytest.mark.parametrize("exact_terms", sorted(EXACT_TERMS))
+def test_maclaurin_estimator_is_unbiased(name: str, exact_terms: str) -> None:
     x, y = _pairs()
-    make = lambda s: RandomMaclaurinFeatures(DIM, 64, kernel=name, seed=s, constant_feature=constant_feature)
+    make = lambda s: RandomMaclaurinFeatures(DIM, 64, kernel=name, seed=s, **EXACT_TERMS[exact_terms])
     estimates = _estimates(make, x, y, draws=400)
     exact = get_kernel(name).fn((x * y).sum(-1))
     _assert_unbiased(estimates, exact)
@@ -63,11 +67,16 @@ def test_maclaurin_error_shrinks_like_inverse_sqrt_d(name: str) -> None:
     assert 4 < errors[0] / errors[-1] < 16  # sqrt(4096 / 64) = 8
 
 
-def test_constant_feature_lowers_variance() -> None:
-    x, y = _pairs()
-    sampled = _estimates(lambda s: RandomMaclaurinFeatures(DIM, 64, seed=s), x, y, 200).var(0).mean()
-    constant = _estimates(lambda s: RandomMaclaurinFeatures(DIM, 64, seed=s, constant_feature=True), x, y, 200)
-    assert constant.var(0).mean() < 0.7 * sampled
+def test_exact_terms_lower_variance() -> None:
+    x, y = _pairs(norm=0.4)
+    variances = {
+        name: _estimates(lambda s, kw=kwargs: RandomMaclaurinFeatures(DIM, 64, seed=s, **kw), x, y, 200).var(0).mean()
+        for name, kwargs in EXACT_TERMS.items()
+    }
+    assert variances["constant"] < 0.7 * variances["none"]
+    assert variances["constant+linear"] < 0.2 * variances["constant"]
+    mapped = RandomMaclaurinFeatures(DIM, 64, seed=0, constant_feature=True, linear_features=True)
+    assert mapped.degrees[: DIM + 1].tolist() == [0] + [1] * DIM and int(mapped.degrees[DIM + 1:].min()) >= 2
 
 
 def test_max_degree_estimates_the_truncated_series() -> None:
@@ -229,7 +238,10 @@ def test_low_precision_cast_keeps_draws_in_fp32() -> None:
         ({"max_degree": -1}, "max_degree"),
         ({"seed": "x"}, "seed must be an integer"),
         ({"redraw_interval": 0}, "redraw_interval"),
-        ({"constant_feature": True, "num_features": 1}, "num_features >= 2"),
+        ({"constant_feature": True, "num_features": 1}, "leaves no random feature"),
+        ({"linear_features": True}, "needs constant_feature=True"),
+        ({"linear_features": True, "constant_feature": True, "num_features": 17}, "num_features > 17"),
+        ({"constant_feature": True, "max_degree": 0}, "max_degree=0 leaves no degree"),
     ],
 )
 def test_bad_feature_arguments_raise(kwargs: dict, message: str) -> None:

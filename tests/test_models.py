@@ -11,7 +11,7 @@ VOCAB = 40
 
 def _lm(attention: str, **overrides) -> MacformerForCausalLM:
     settings = {"vocab_size": VOCAB, "max_seq_len": 128, "d_model": 32, "num_heads": 2, "d_ff": 64,
-                "num_features": 32, **overrides}
+                "num_features": 48, **overrides}
     return MacformerForCausalLM(MacformerConfig(attention=attention, causal=True, **settings))
 
 
@@ -33,7 +33,7 @@ def test_incremental_decoding_matches_the_full_forward(attention: str, overrides
         pieces.append(model.lm_head(model.model(tokens[:, t:t + 1], caches=caches, position_offset=t)))
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
     if attention in ("rmfa", "rfa", "favor"):  # constant-size recurrent state, no KV cache
-        assert all(c.keys is None and c.state.shape[-2:] == (32, 17) for c in caches)
+        assert all(c.keys is None and c.state.shape[-2:] == (48, 17) for c in caches)
 
 
 def test_generate_greedy_follows_argmax_and_stops_at_eos() -> None:
@@ -146,6 +146,8 @@ def test_model_trains_finite_at_16k_tokens_in_bf16() -> None:
         ({"num_classes": 1}, "at least 2"),
         ({"favor_sampler": "sobol"}, "favor_sampler"),
         ({"chunk_size": 0}, "chunk_size"),
+        ({"num_features": 32, "d_model": 64, "num_heads": 2}, "more than head_dim \\+ 1 = 33"),
+        ({"constant_feature": False}, "linear_features"),
     ],
 )
 def test_config_rejects_bad_values(kwargs: dict, message: str) -> None:

@@ -39,6 +39,10 @@ class RandomMaclaurinFeatures(FeatureMap):
         seed: seed of the draws (None: drawn from torch's global RNG).
         constant_feature: use one deterministic feature sqrt(a_0) for the degree-0 term instead of
             sampling degree 0 (lower variance); the other D - 1 features sample degrees >= 1.
+        linear_features: also compute the degree-1 term exactly with the `dim` features sqrt(a_1) x
+            (the "h01" variant; needs constant_feature). The D - 1 - dim random features then sample
+            degrees >= 2 only. For inputs of small norm (ppSBN) degree 1 carries most of f(t) - a_0,
+            so this removes most of the variance at equal output size D.
         max_degree: sample degrees up to this value only, with P renormalised on the truncated
             support. The map then estimates the partial sum sum_{n<=max_degree} a_n t^n exactly; the
             bias is the tail sum_{n>max_degree} a_n t^n (at most a_{M+1}|t|^{M+1}/(1-|t|) for
@@ -55,6 +59,7 @@ class RandomMaclaurinFeatures(FeatureMap):
         p: float = 2.0,
         seed: int | None = None,
         constant_feature: bool = False,
+        linear_features: bool = False,
         max_degree: int | None = None,
         redraw_interval: int | None = None,
     ) -> None:
@@ -65,14 +70,23 @@ class RandomMaclaurinFeatures(FeatureMap):
         if max_degree is not None and (isinstance(max_degree, bool) or not isinstance(max_degree, int)
                                        or max_degree < 0):
             raise ValueError(f"max_degree must be a non-negative integer or None, got {max_degree!r}")
-        if constant_feature and num_features < 2:
-            raise ValueError("constant_feature=True needs num_features >= 2 (one constant, one random)")
+        if linear_features and not constant_feature:
+            raise ValueError("linear_features=True needs constant_feature=True (degrees 0 and 1 both exact)")
+        self.exact_degrees = int(constant_feature) + int(linear_features)  # degrees below this are exact
+        num_exact = int(constant_feature) + dim * int(linear_features)
+        if num_features <= num_exact:
+            raise ValueError(
+                f"num_features={num_features} leaves no random feature after {num_exact} exact ones "
+                f"(constant_feature={constant_feature}, linear_features={linear_features}, dim={dim}); "
+                f"use num_features > {num_exact}"
+            )
         if self.kernel.max_degree is not None:
             max_degree = self.kernel.max_degree if max_degree is None else min(max_degree, self.kernel.max_degree)
-        if constant_feature and max_degree == 0:
-            raise ValueError("constant_feature=True with max_degree=0 leaves no degree to sample")
+        if max_degree is not None and max_degree < self.exact_degrees:
+            raise ValueError(f"max_degree={max_degree} leaves no degree to sample above the exact terms")
         self.p = float(p)
         self.constant_feature = constant_feature
+        self.linear_features = linear_features
         self.max_degree = max_degree
         # Degrees sorted ascending so that features of one degree are contiguous; `weights` stacks
         # their Rademacher vectors in the same order (feature i owns degrees[i] consecutive rows).
@@ -83,8 +97,8 @@ class RandomMaclaurinFeatures(FeatureMap):
         self._draw(self._generator())
 
     def _draw(self, generator: torch.Generator) -> None:
-        num_random = self.num_features - int(self.constant_feature)
-        min_degree = int(self.constant_feature)
+        min_degree = self.exact_degrees
+        num_random = self.num_features - int(self.constant_feature) - self.dim * int(self.linear_features)
         ratio, normaliser = degree_distribution(self.p, min_degree, self.max_degree)
         # Inverse CDF of the (truncated) geometric law: P(N - min_degree >= k) ∝ r^k - r^support.
         uniforms = torch.rand(num_random, generator=generator, dtype=torch.float64)
@@ -93,16 +107,20 @@ class RandomMaclaurinFeatures(FeatureMap):
             offsets = offsets.clamp(max=self.max_degree - min_degree)
         degrees = (offsets.long() + min_degree).sort().values
         log_prob = (degrees - min_degree).double() * math.log(ratio) + math.log((1 - ratio) / normaliser)
-        coefficients = self.kernel.coefficients(int(degrees.max()) if num_random else 0)
+        coefficients = self.kernel.coefficients(int(degrees.max()))
         scales = torch.sqrt(coefficients[degrees] * torch.exp(-log_prob) / num_random)
+        weights = torch.randint(0, 2, (int(degrees.sum()), self.dim), generator=generator).float() * 2 - 1
+        if self.linear_features:  # degree-1 features with identity projections: sqrt(a_1) x_i
+            a_1 = self.kernel.coefficients(1)[1]
+            degrees = torch.cat([torch.ones(self.dim, dtype=torch.int64), degrees])
+            scales = torch.cat([a_1.sqrt().expand(self.dim), scales])
+            weights = torch.cat([torch.eye(self.dim), weights])
         if self.constant_feature:
             degrees = torch.cat([torch.zeros(1, dtype=torch.int64), degrees])
             scales = torch.cat([coefficients[:1].sqrt(), scales])
-        total = int(degrees.sum())
-        rademacher = torch.randint(0, 2, (total, self.dim), generator=generator).float() * 2 - 1
         self._set_buffer("degrees", degrees)
         self._set_buffer("scales", scales.float())
-        self._set_buffer("weights", rademacher)
+        self._set_buffer("weights", weights)
         self._buffers_changed()
 
     def _buffers_changed(self) -> None:
@@ -126,5 +144,6 @@ class RandomMaclaurinFeatures(FeatureMap):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, kernel={self.kernel.name}, p={self.p}, "
-            f"constant_feature={self.constant_feature}, max_degree={self.max_degree}"
+            f"constant_feature={self.constant_feature}, linear_features={self.linear_features}, "
+            f"max_degree={self.max_degree}"
         )
