@@ -1,0 +1,1 @@
+"""Command line and (distributed) job entry points of Macformer."""

@@ -1,0 +1,80 @@
+"""`macformer` command line. Bad input ends with one line naming the problem and the fix, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+
+from pipelines.errors import PipelineError
+
+
+def _add_prepare(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "prepare", help="tokenize a corpus into packed causal-LM shards with a manifest (Ray Data)",
+        description="Train (or load) a sentencepiece tokenizer, tokenize the corpus with Ray Data and write "
+                    "seq_len + 1 token windows into checksummed shards with manifest.json, atomically.",
+    )
+    parser.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB_OR_URI",
+                        help="files, directories, globs, s3:// or gs:// URIs, or 'stdlib' (Python's own sources)")
+    parser.add_argument("--output", required=True, help="dataset directory to create")
+    parser.add_argument("--seq-len", type=int, default=4096)
+    vocab = parser.add_mutually_exclusive_group()
+    vocab.add_argument("--vocab-size", type=int, default=None, help="train a tokenizer of this size (default 8000)")
+    vocab.add_argument("--tokenizer", help="use this sentencepiece .model instead of training one")
+    parser.add_argument("--tokenizer-type", default="bpe", choices=["bpe", "unigram"])
+    parser.add_argument("--tokenizer-sample-mb", type=float, default=8.0, help="corpus text used to train it")
+    parser.add_argument("--format", dest="shard_format", default="parquet", choices=["parquet", "arrow"])
+    parser.add_argument("--shard-size-mb", type=float, default=64.0)
+    parser.add_argument("--text-column", "--text-field", dest="text_column", default="text",
+                        help="text column of Parquet/CSV inputs, or field of JSON Lines records")
+    parser.add_argument("--num-workers", type=int, default=2, help="tokenizer actors")
+    parser.add_argument("--batch-size", type=int, default=16, help="documents per tokenizer call")
+    parser.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto' or host:port)")
+    parser.add_argument("--stdlib-limit", type=int, default=None, help="use only the first N stdlib files")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+
+
+def _run_prepare(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from pipelines.prepare import PrepareConfig, prepare
+
+    config = PrepareConfig(
+        inputs=tuple(args.input), output=args.output, seq_len=args.seq_len,
+        vocab_size=8000 if args.vocab_size is None and args.tokenizer is None else args.vocab_size,
+        tokenizer=args.tokenizer, tokenizer_type=args.tokenizer_type, tokenizer_sample_mb=args.tokenizer_sample_mb,
+        shard_format=args.shard_format, shard_size_mb=args.shard_size_mb, text_column=args.text_column,
+        num_workers=args.num_workers, batch_size=args.batch_size, ray_address=args.ray_address,
+        stdlib_limit=args.stdlib_limit, overwrite=args.overwrite,
+        command=shlex.join(["macformer", *argv]),
+    )
+    prepare(config)
+    return 0
+
+
+COMMANDS = {"prepare": (_add_prepare, _run_prepare)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="macformer", description="Macformer: random-feature attention at scale")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for add, _ in COMMANDS.values():
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command][1](args, argv)
+    except (PipelineError, ValueError) as error:
+        print(f"macformer {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"macformer {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

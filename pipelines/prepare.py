@@ -1,0 +1,230 @@
+"""`macformer prepare`: corpus -> sentencepiece -> Ray Data tokenization -> packed causal-LM windows
+in checksummed shards + manifest.json, written atomically."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+import pipelines
+from pipelines.errors import PipelineError
+from pipelines.packing import WindowPacker
+from pipelines.ray_runtime import ray_session
+from pipelines.shards import MANIFEST, SHARD_FORMATS, ShardWriter, load_manifest, write_manifest
+from pipelines.sources import InputFile, check_text_column, open_dataset, resolve_inputs
+from pipelines.tokenizer import (
+    MODEL_TYPES,
+    load_tokenizer_bytes,
+    processor_from_bytes,
+    sha256_bytes,
+    train_tokenizer,
+)
+
+TOKENIZER_FILE = "tokenizer.model"
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    inputs: tuple[str, ...]
+    output: str
+    seq_len: int = 4096
+    vocab_size: int | None = 8000
+    tokenizer: str | None = None
+    tokenizer_type: str = "bpe"
+    tokenizer_sample_mb: float = 8.0
+    shard_format: str = "parquet"
+    shard_size_mb: float = 64.0
+    text_column: str = "text"
+    num_workers: int = 2
+    batch_size: int = 16
+    ray_address: str | None = None
+    stdlib_limit: int | None = None
+    overwrite: bool = False
+    command: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 1:
+            raise PipelineError(f"--seq-len must be positive, got {self.seq_len}")
+        if self.tokenizer is None and (self.vocab_size is None or self.vocab_size <= 0):
+            raise PipelineError("give --vocab-size N (train a tokenizer) or --tokenizer MODEL (load one)")
+        if self.tokenizer_type not in MODEL_TYPES:
+            raise PipelineError(
+                f"--tokenizer-type must be one of {', '.join(MODEL_TYPES)}, got {self.tokenizer_type!r}"
+            )
+        if self.shard_format not in SHARD_FORMATS:
+            raise PipelineError(f"--format must be one of {', '.join(SHARD_FORMATS)}, got {self.shard_format!r}")
+        for name in ("shard_size_mb", "tokenizer_sample_mb"):
+            if getattr(self, name) <= 0:
+                raise PipelineError(f"--{name.replace('_', '-')} must be positive")
+        if self.num_workers < 1 or self.batch_size < 1:
+            raise PipelineError("--num-workers and --batch-size must be at least 1")
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """What decides the output: everything but where it goes and how it is computed."""
+        ignored = {"output", "num_workers", "batch_size", "ray_address", "overwrite", "command"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
+
+
+def _fingerprint(config: PrepareConfig, files: list[InputFile], tokenizer_hash: str | None) -> str:
+    payload = {
+        "config": config.fingerprint_fields(),
+        "inputs": [(f.path, f.size, f.mtime) for f in files],
+        "tokenizer": tokenizer_hash,
+        "pipeline_version": pipelines.__version__,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()
+
+
+class DocumentTokenizer:
+    """Ray Data actor: loads the tokenizer once, encodes a batch of documents, appends EOS."""
+
+    def __init__(self, model: bytes) -> None:
+        self.processor = processor_from_bytes(model)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        texts = [t for t in batch.column("text").to_pylist() if t]
+        encoded = self.processor.encode(texts, out_type=int) if texts else []
+        lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
+        flat = np.empty(int(lengths.sum()), dtype=np.int32)
+        ends = np.cumsum(lengths)
+        for ids, end, length in zip(encoded, ends, lengths, strict=True):
+            flat[end - length:end - 1] = ids
+        flat[ends - 1] = self.processor.eos_id()
+        offsets = np.concatenate([[0], ends]).astype(np.int64)
+        return pa.table({"input_ids": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat))})
+
+
+def _sample_texts(files: list[InputFile], config: PrepareConfig):
+    """Documents for tokenizer training, read through the same Ray Data source as the corpus."""
+    dataset = open_dataset(files, config.text_column)
+    budget = config.tokenizer_sample_mb * (1 << 20)
+    used = 0
+    for row in dataset.iter_rows():
+        text = row["text"] or ""
+        used += len(text)
+        yield text
+        if used >= budget:
+            return
+
+
+def _check_output(output: Path, overwrite: bool) -> bool:
+    """Whether a prepared dataset is already at `output`; refuse outputs that cannot be written."""
+    ancestor = next(p for p in (output.parent, *output.parent.parents) if p.exists())
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
+        raise PipelineError(f"cannot write under {ancestor}; choose a writable --output location")
+    if not output.exists():
+        return False
+    if not (output / MANIFEST).is_file():
+        raise PipelineError(f"{output} exists and is not a prepared dataset; refusing to replace it, "
+                            "choose another --output")
+    return True
+
+
+def prepare(config: PrepareConfig, log=print) -> dict[str, Any]:
+    """Run the pipeline; returns the manifest. A finished identical output is left as it is."""
+    start = time.perf_counter()
+    output = Path(config.output).resolve()
+    existing = _check_output(output, config.overwrite)
+    files = resolve_inputs(list(config.inputs), config.stdlib_limit)
+    check_text_column(files, config.text_column)
+    given_tokenizer = load_tokenizer_bytes(config.tokenizer) if config.tokenizer else None
+    fingerprint = _fingerprint(config, files, sha256_bytes(given_tokenizer) if given_tokenizer else None)
+    if existing and not config.overwrite:
+        previous = load_manifest(output)
+        if previous.get("fingerprint") == fingerprint:
+            log(f"{output} is up to date (same inputs and config); nothing to do")
+            return previous
+        raise PipelineError(f"{output} holds a dataset prepared from other inputs or settings; "
+                            "pass --overwrite to replace it or choose another --output")
+
+    staging = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        with ray_session(config.ray_address):
+            manifest = _run(config, files, given_tokenizer, staging, log)
+        manifest.update(fingerprint=fingerprint, command=config.command, config=config.fingerprint_fields(),
+                        pipeline_version=pipelines.__version__)
+        write_manifest(staging, manifest)
+        if output.exists():  # --overwrite: swap in the new directory, then drop the old one
+            retired = output.parent / f".{output.name}.old-{os.getpid()}"
+            output.rename(retired)
+            staging.rename(output)
+            shutil.rmtree(retired)
+        else:
+            staging.rename(output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    manifest = load_manifest(output)
+    elapsed = time.perf_counter() - start
+    log(f"prepared {output}: {manifest['documents']} documents, {manifest['total_tokens']} tokens, "
+        f"{manifest['rows']} windows of {config.seq_len + 1} in {len(manifest['shards'])} shards, "
+        f"{manifest['total_tokens'] / elapsed:,.0f} tokens/s ({elapsed:.1f} s)")
+    return manifest
+
+
+def _run(config: PrepareConfig, files: list[InputFile], tokenizer_model: bytes | None, staging: Path,
+         log) -> dict[str, Any]:
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # deterministic window order
+    if tokenizer_model is None:
+        log(f"training a {config.tokenizer_type} tokenizer (vocab {config.vocab_size}) on "
+            f"<= {config.tokenizer_sample_mb} MB of the corpus")
+        tokenizer_model = train_tokenizer(_sample_texts(files, config), config.vocab_size,
+                                          config.tokenizer_type, int(config.tokenizer_sample_mb * (1 << 20)))
+    (staging / TOKENIZER_FILE).write_bytes(tokenizer_model)
+    processor = processor_from_bytes(tokenizer_model)
+
+    tokens = open_dataset(files, config.text_column).map_batches(
+        DocumentTokenizer, fn_constructor_kwargs={"model": tokenizer_model}, batch_format="pyarrow",
+        batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=config.num_workers),
+        # Fractional CPUs: the read tasks need a CPU too, and a pool holding all of them deadlocks.
+        num_cpus=0.5,
+    )
+    packer = WindowPacker(config.seq_len)
+    writer = ShardWriter(staging, config.shard_format, int(config.shard_size_mb * (1 << 20)))
+    documents = 0
+    for batch in tokens.iter_batches(batch_format="pyarrow", batch_size=None):
+        column = batch.column("input_ids").combine_chunks()
+        documents += len(column)
+        lengths = np.diff(column.offsets.to_numpy())
+        packed = packer.add(column.values.to_numpy(), lengths)
+        if len(packed.windows):
+            writer.add(pa.table({
+                "input_ids": pa.array(list(packed.windows), pa.list_(pa.int32())),
+                "document_starts": pa.array(packed.document_starts, pa.list_(pa.int32())),
+            }))
+    writer.flush()
+    if documents == 0:
+        raise PipelineError("the corpus has no non-empty document; give inputs with text")
+    if not writer.entries:
+        raise PipelineError(f"the corpus has {packer.total_tokens} tokens, fewer than one window of "
+                            f"{config.seq_len + 1}; lower --seq-len or add data")
+    return {
+        "kind": "causal_lm",
+        "seq_len": config.seq_len,
+        "format": config.shard_format,
+        "documents": documents,
+        "total_tokens": packer.total_tokens,
+        "packed_tokens": packer.packed_tokens,
+        "dropped_tokens": packer.dropped_tokens,
+        "rows": sum(e["rows"] for e in writer.entries),
+        "shards": writer.entries,
+        "inputs": [f.path for f in files],
+        "tokenizer": {"path": TOKENIZER_FILE, "sha256": sha256_bytes(tokenizer_model),
+                      "vocab_size": processor.get_piece_size(), "eos_id": processor.eos_id(),
+                      "pad_id": processor.pad_id(), "bos_id": processor.bos_id(), "unk_id": processor.unk_id()},
+    }
+

@@ -1,0 +1,106 @@
+"""Shard files and the manifest that lists them with row counts, token counts and sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipelines.errors import PipelineError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+SHARD_FORMATS = ("parquet", "arrow")
+TOKEN_COLUMNS = ("input_ids", "pair_input_ids")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_table(path: Path) -> pa.Table:
+    if path.suffix == ".parquet":
+        return pq.read_table(path)
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_file(source).read_all()
+
+
+class ShardWriter:
+    """Buffers rows (pyarrow tables of one schema) and writes shards of about `target_bytes`."""
+
+    def __init__(self, directory: Path, shard_format: str = "parquet", target_bytes: int = 64 << 20,
+                 prefix: str = "shard") -> None:
+        if shard_format not in SHARD_FORMATS:
+            raise PipelineError(f"unknown shard format {shard_format!r}; use one of {', '.join(SHARD_FORMATS)}")
+        self.directory, self.format, self.target_bytes, self.prefix = directory, shard_format, target_bytes, prefix
+        self.entries: list[dict[str, Any]] = []
+        self._pending: list[pa.Table] = []
+        self._pending_bytes = 0
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        self._pending.append(table)
+        self._pending_bytes += table.nbytes
+        if self._pending_bytes >= self.target_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        table = pa.concat_tables(self._pending)
+        self._pending, self._pending_bytes = [], 0
+        name = f"{self.prefix}-{len(self.entries):05d}.{self.format}"
+        path = self.directory / name
+        if self.format == "parquet":
+            pq.write_table(table, path)
+        else:
+            with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
+        tokens = sum(int(pc.sum(pc.list_value_length(table.column(c))).as_py() or 0)
+                     for c in TOKEN_COLUMNS if c in table.column_names)
+        self.entries.append({"path": name, "rows": table.num_rows, "tokens": tokens, "bytes": path.stat().st_size,
+                             "sha256": file_sha256(path)})
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    manifest = {"format_version": FORMAT_VERSION, **manifest}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def load_manifest(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise PipelineError(f"{path} not found: {directory} is not a prepared dataset (run `macformer prepare`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise PipelineError(
+            f"{path} is corrupt ({error.msg} at line {error.lineno}); re-run prepare with --overwrite"
+        ) from None
+    missing = [k for k in ("format_version", "shards", "kind") if k not in manifest]
+    if missing:
+        raise PipelineError(f"{path} lacks {', '.join(missing)}; re-run prepare with --overwrite")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise PipelineError(f"{path} has format version {manifest['format_version']}, this code reads "
+                            f"{FORMAT_VERSION}; re-run prepare")
+    return manifest
+
+
+def verify_shard(directory: Path, entry: dict[str, Any]) -> Path:
+    path = Path(directory) / entry["path"]
+    if not path.is_file():
+        raise PipelineError(f"shard {path} listed in the manifest is missing; restore it or re-run prepare --overwrite")
+    if file_sha256(path) != entry["sha256"]:
+        raise PipelineError(f"shard {path} is corrupt (sha256 differs from the manifest); "
+                            "restore it or re-run prepare --overwrite")
+    return path
