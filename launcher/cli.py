@@ -52,7 +52,62 @@ def _run_prepare(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"prepare": (_add_prepare, _run_prepare)}
+LRA_TASKS = ("listops", "text", "retrieval", "image", "pathfinder")
+
+
+def _add_lra(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "lra", help="write a Long Range Arena task (generated ListOps, or LRA files you have) as shards",
+        description="ListOps is generated (LRA specification, deterministic by --seed, every label checked by "
+                    "an independent evaluator); text (aclImdb dir), retrieval (dir with new_aan_pairs.*.tsv), "
+                    "image (cifar-10-batches-py dir) and pathfinder (a pathfinder32/<difficulty> dir) are read "
+                    "from --input.",
+    )
+    parser.add_argument("task", choices=LRA_TASKS)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--input", help="directory of the LRA files (all tasks but listops)")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="truncate byte-level inputs (text 4000, retrieval 4000 each by default)")
+    parser.add_argument("--train", type=int, default=96_000, help="ListOps training samples")
+    parser.add_argument("--valid", type=int, default=2_000, help="ListOps validation samples")
+    parser.add_argument("--test", type=int, default=2_000, help="ListOps test samples")
+    parser.add_argument("--min-length", type=int, default=500, help="ListOps: shortest sequence kept")
+    parser.add_argument("--max-depth", type=int, default=10, help="ListOps: deepest nesting")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--format", dest="shard_format", default="parquet", choices=["parquet", "arrow"])
+    parser.add_argument("--shard-size-mb", type=float, default=64.0)
+    parser.add_argument("--overwrite", action="store_true")
+
+
+def _run_lra(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from pathlib import Path
+
+    from pipelines import lra
+    from pipelines.listops import ListOpsSpec
+
+    if args.task == "listops":
+        spec = ListOpsSpec(max_depth=args.max_depth, min_length=args.min_length,
+                           max_length=args.max_length or ListOpsSpec.max_length)
+        task = lra.listops_task(args.train, args.valid, args.test, args.seed, spec)
+        settings = {"spec": vars(spec), "train": args.train, "valid": args.valid, "test": args.test,
+                    "seed": args.seed}
+    else:
+        if not args.input:
+            raise PipelineError(f"the {args.task} task reads LRA files: pass --input DIR")
+        directory = Path(args.input)
+        if not directory.is_dir():
+            raise PipelineError(f"--input {directory} is not a directory; point it at the {args.task} files")
+        max_length = args.max_length or 4000
+        task = {"text": lambda: lra.text_task(directory, max_length),
+                "retrieval": lambda: lra.retrieval_task(directory, max_length),
+                "image": lambda: lra.image_task(directory),
+                "pathfinder": lambda: lra.pathfinder_task(directory)}[args.task]()
+        settings = {"max_length": max_length}
+    lra.write_task(task, args.output, settings, args.shard_format, args.shard_size_mb, args.overwrite)
+    return 0
+
+
+COMMANDS = {"prepare": (_add_prepare, _run_prepare), "lra": (_add_lra, _run_lra)}
 
 
 def build_parser() -> argparse.ArgumentParser:

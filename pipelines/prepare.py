@@ -6,8 +6,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +16,10 @@ import pyarrow as pa
 
 import pipelines
 from pipelines.errors import PipelineError
+from pipelines.output import is_up_to_date, staged_directory
 from pipelines.packing import WindowPacker
 from pipelines.ray_runtime import ray_session
-from pipelines.shards import MANIFEST, SHARD_FORMATS, ShardWriter, load_manifest, write_manifest
+from pipelines.shards import SHARD_FORMATS, ShardWriter, load_manifest, write_manifest
 from pipelines.sources import InputFile, check_text_column, open_dataset, resolve_inputs
 from pipelines.tokenizer import (
     MODEL_TYPES,
@@ -117,54 +116,22 @@ def _sample_texts(files: list[InputFile], config: PrepareConfig):
             return
 
 
-def _check_output(output: Path, overwrite: bool) -> bool:
-    """Whether a prepared dataset is already at `output`; refuse outputs that cannot be written."""
-    ancestor = next(p for p in (output.parent, *output.parent.parents) if p.exists())
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
-        raise PipelineError(f"cannot write under {ancestor}; choose a writable --output location")
-    if not output.exists():
-        return False
-    if not (output / MANIFEST).is_file():
-        raise PipelineError(f"{output} exists and is not a prepared dataset; refusing to replace it, "
-                            "choose another --output")
-    return True
-
-
 def prepare(config: PrepareConfig, log=print) -> dict[str, Any]:
     """Run the pipeline; returns the manifest. A finished identical output is left as it is."""
     start = time.perf_counter()
     output = Path(config.output).resolve()
-    existing = _check_output(output, config.overwrite)
     files = resolve_inputs(list(config.inputs), config.stdlib_limit)
     check_text_column(files, config.text_column)
     given_tokenizer = load_tokenizer_bytes(config.tokenizer) if config.tokenizer else None
     fingerprint = _fingerprint(config, files, sha256_bytes(given_tokenizer) if given_tokenizer else None)
-    if existing and not config.overwrite:
-        previous = load_manifest(output)
-        if previous.get("fingerprint") == fingerprint:
-            log(f"{output} is up to date (same inputs and config); nothing to do")
-            return previous
-        raise PipelineError(f"{output} holds a dataset prepared from other inputs or settings; "
-                            "pass --overwrite to replace it or choose another --output")
-
-    staging = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        with ray_session(config.ray_address):
-            manifest = _run(config, files, given_tokenizer, staging, log)
+    if is_up_to_date(output, fingerprint, config.overwrite):
+        log(f"{output} is up to date (same inputs and config); nothing to do")
+        return load_manifest(output)
+    with staged_directory(output) as staging, ray_session(config.ray_address):
+        manifest = _run(config, files, given_tokenizer, staging, log)
         manifest.update(fingerprint=fingerprint, command=config.command, config=config.fingerprint_fields(),
                         pipeline_version=pipelines.__version__)
         write_manifest(staging, manifest)
-        if output.exists():  # --overwrite: swap in the new directory, then drop the old one
-            retired = output.parent / f".{output.name}.old-{os.getpid()}"
-            output.rename(retired)
-            staging.rename(output)
-            shutil.rmtree(retired)
-        else:
-            staging.rename(output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     manifest = load_manifest(output)
     elapsed = time.perf_counter() - start
     log(f"prepared {output}: {manifest['documents']} documents, {manifest['total_tokens']} tokens, "

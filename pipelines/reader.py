@@ -22,18 +22,24 @@ class ShardReader(IterableDataset):
     own permutation (one shard in memory at a time). Global position g of that order belongs to rank
     g % world_size, so ranks are disjoint and together cover every row. `position` counts the
     samples this rank has yielded in the current epoch; `state_dict()` / `load_state_dict()` resume
-    exactly there. Shard checksums are verified the first time each shard is opened.
+    exactly there. Shard checksums are verified the first time each shard is opened. `split` selects
+    one split of a task dataset (train, valid, test).
     """
 
     def __init__(self, directory: str | Path, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True, verify: bool = True) -> None:
+                 shuffle: bool = True, verify: bool = True, split: str | None = None) -> None:
         super().__init__()
         if world_size < 1 or not 0 <= rank < world_size:
             raise PipelineError(f"rank {rank} is outside world size {world_size}; use 0 <= rank < world_size")
         self.directory = Path(directory)
         self.manifest = load_manifest(self.directory)
         self.rank, self.world_size, self.seed, self.shuffle, self.verify = rank, world_size, seed, shuffle, verify
-        self.rows = [int(entry["rows"]) for entry in self.manifest["shards"]]
+        shards = self.manifest["shards"]
+        self.shards = [i for i, entry in enumerate(shards) if split is None or entry.get("split") == split]
+        if not self.shards:
+            available = sorted({str(entry.get("split")) for entry in shards})
+            raise PipelineError(f"{self.directory} has no split {split!r} (splits: {', '.join(available)})")
+        self.rows = [int(shards[i]["rows"]) for i in self.shards]
         self.epoch, self.position = 0, 0
         self._verified: set[int] = set()
 
@@ -53,7 +59,8 @@ class ShardReader(IterableDataset):
             return list(range(len(self.rows)))
         return torch.randperm(len(self.rows), generator=self._generator(-1)).tolist()
 
-    def _load(self, index: int) -> dict[str, Any]:
+    def _load(self, position: int) -> dict[str, Any]:
+        index = self.shards[position]
         entry = self.manifest["shards"][index]
         path = verify_shard(self.directory, entry) if self.verify and index not in self._verified else \
             self.directory / entry["path"]
