@@ -30,7 +30,7 @@ def _add_prepare(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--text-column", "--text-field", dest="text_column", default="text",
                         help="text column of Parquet/CSV inputs, or field of JSON Lines records")
     parser.add_argument("--num-workers", type=int, default=2, help="tokenizer actors")
-    parser.add_argument("--batch-size", type=int, default=16, help="documents per tokenizer call")
+    parser.add_argument("--batch-size", type=int, default=64, help="documents per tokenizer call")
     parser.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto' or host:port)")
     parser.add_argument("--stdlib-limit", type=int, default=None, help="use only the first N stdlib files")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset")

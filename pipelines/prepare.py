@@ -45,7 +45,7 @@ class PrepareConfig:
     shard_size_mb: float = 64.0
     text_column: str = "text"
     num_workers: int = 2
-    batch_size: int = 16
+    batch_size: int = 64
     ray_address: str | None = None
     stdlib_limit: int | None = None
     overwrite: bool = False
@@ -92,7 +92,8 @@ class DocumentTokenizer:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = [t for t in batch.column("text").to_pylist() if t]
-        encoded = self.processor.encode(texts, out_type=int) if texts else []
+        # One thread: the actor pool is the parallelism (sentencepiece would start one per core).
+        encoded = self.processor.encode(texts, out_type=int, num_threads=1) if texts else []
         lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
         flat = np.empty(int(lengths.sum()), dtype=np.int32)
         ends = np.cumsum(lengths)
@@ -140,6 +141,12 @@ def prepare(config: PrepareConfig, log=print) -> dict[str, Any]:
     return manifest
 
 
+def _list_array(arrays: list[np.ndarray]) -> pa.ListArray:
+    """list<int32> column from numpy rows without a Python-level copy per element."""
+    offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(arrays).astype(np.int32)))
+
+
 def _run(config: PrepareConfig, files: list[InputFile], tokenizer_model: bytes | None, staging: Path,
          log) -> dict[str, Any]:
     import ray.data
@@ -169,10 +176,8 @@ def _run(config: PrepareConfig, files: list[InputFile], tokenizer_model: bytes |
         lengths = np.diff(column.offsets.to_numpy())
         packed = packer.add(column.values.to_numpy(), lengths)
         if len(packed.windows):
-            writer.add(pa.table({
-                "input_ids": pa.array(list(packed.windows), pa.list_(pa.int32())),
-                "document_starts": pa.array(packed.document_starts, pa.list_(pa.int32())),
-            }))
+            writer.add(pa.table({"input_ids": _list_array(list(packed.windows)),
+                                 "document_starts": _list_array(packed.document_starts)}))
     writer.flush()
     if documents == 0:
         raise PipelineError("the corpus has no non-empty document; give inputs with text")
