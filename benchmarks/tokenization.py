@@ -57,7 +57,7 @@ def hf_datasets(model: bytes, texts: list[str], workers: int, cache: Path) -> in
     def encode(batch: dict, processor_cache: dict = {}) -> dict:  # noqa: B006 - per-process cache
         processor = processor_cache.setdefault("p", processor_from_bytes(model))
         encoded = processor.encode(batch["text"], out_type=int, num_threads=1)
-        return {"input_ids": [ids + [processor.eos_id()] for ids in encoded]}
+        return {"input_ids": [[*ids, processor.eos_id()] for ids in encoded]}
 
     dataset = datasets.Dataset.from_dict({"text": texts})
     tokenized = dataset.map(encode, batched=True, batch_size=64, num_proc=workers, remove_columns=["text"],
