@@ -52,13 +52,28 @@ class ShardWriter:
         self._pending.append(table)
         self._pending_bytes += table.nbytes
         if self._pending_bytes >= self.target_bytes:
-            self.flush()
+            self._write(final=False)
 
     def flush(self) -> None:
+        """Write everything pending (the last shard may be smaller than the target)."""
+        self._write(final=True)
+
+    def _write(self, final: bool) -> None:
         if not self._pending:
             return
         table = pa.concat_tables(self._pending)
-        self._pending, self._pending_bytes = [], 0
+        bytes_per_row = max(1.0, self._pending_bytes / table.num_rows)
+        rows_per_shard = max(1, int(self.target_bytes / bytes_per_row))
+        start = 0
+        while table.num_rows - start >= rows_per_shard or (final and start < table.num_rows):
+            piece = table.slice(start, rows_per_shard)
+            self._write_shard(piece)
+            start += piece.num_rows
+        rest = table.slice(start)
+        self._pending = [rest] if rest.num_rows else []
+        self._pending_bytes = int(rest.num_rows * bytes_per_row)
+
+    def _write_shard(self, table: pa.Table) -> None:
         name = f"{self.prefix}-{len(self.entries):05d}.{self.format}"
         path = self.directory / name
         if self.format == "parquet":

@@ -36,12 +36,14 @@ def test_packer_cuts_the_stream_into_overlapping_windows() -> None:
 
 
 def _dataset(tmp_path, rows_per_shard=(7, 5, 9, 1)):
-    writer = ShardWriter(tmp_path, "parquet", target_bytes=1)  # one shard per add()
+    writer = ShardWriter(tmp_path, "parquet")
     value = 0
     for rows in rows_per_shard:
         ids = [[value + r, value + r] for r in range(rows)]
         value += rows
         writer.add(pa.table({"input_ids": pa.array(ids, pa.list_(pa.int32()))}))
+        writer.flush()  # one shard per group
+    assert [e["rows"] for e in writer.entries] == list(rows_per_shard)
     write_manifest(tmp_path, {"kind": "causal_lm", "shards": writer.entries, "rows": value})
     return value
 
@@ -104,6 +106,15 @@ def test_manifest_errors_are_one_line(tmp_path) -> None:
     (tmp_path / "manifest.json").write_text("{broken")
     with pytest.raises(PipelineError, match="corrupt"):
         load_manifest(tmp_path)
+
+
+def test_large_tables_are_split_to_the_target_shard_size(tmp_path) -> None:
+    writer = ShardWriter(tmp_path, "parquet", target_bytes=4000)
+    table = pa.table({"input_ids": pa.array([list(range(100))] * 95, pa.list_(pa.int32()))})  # ~400 B/row
+    writer.add(table)
+    writer.flush()
+    assert [e["rows"] for e in writer.entries] == [9] * 10 + [5]  # 404 bytes a row: 9 fit in 4000
+    assert sum(e["tokens"] for e in writer.entries) == 9500
 
 
 def test_arrow_shards_read_back(tmp_path) -> None:
