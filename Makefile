@@ -16,9 +16,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Until the trainer lands (issue #5): prepare the stdlib corpus with Ray Data, then measure RMFA's error.
+# The whole path on one machine: tokenize the stdlib corpus with Ray Data, train a small RMFA LM with
+# 2 DeepSpeed workers under Ray Train (MLflow store: ./mlflow.db), then measure RMFA's approximation error.
 demo: $(STAMP)
 	$(BIN)/macformer prepare --input stdlib --output data/stdlib --seq-len 1024 --vocab-size 8000
+	$(BIN)/macformer train --config configs/demo.yaml
 	$(BIN)/python -m benchmarks.approximation_error --kernels exp inverse log sqrt --dims 16 64 256 1024
 
 # pytest exits 5 when it collects nothing: a test run that tests nothing must not pass.

@@ -32,9 +32,11 @@ def check_reachable(address: str) -> None:
 
 
 @contextmanager
-def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[None]:
+def ray_session(address: str | None, num_cpus: int | None = None, log_to_driver: bool = False,
+                dashboard: bool = False) -> Iterator[None]:
     """Use the running Ray if initialised; else join `address` ("auto" or host:port / ray://...);
-    else start a local Ray on 127.0.0.1 that is shut down afterwards."""
+    else start a local Ray on 127.0.0.1 that is shut down afterwards. `log_to_driver` shows the
+    workers' output here; `dashboard` (on 127.0.0.1) serves Ray's state API to a local cluster."""
     import ray
 
     if ray.is_initialized():
@@ -44,12 +46,12 @@ def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[No
         check_reachable(address)
     try:
         if address:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=log_to_driver)
         else:
             # A private cluster on loopback: no token for local clients to manage.
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False,
-                     log_to_driver=False)
+            ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=dashboard,
+                     dashboard_host="127.0.0.1", log_to_driver=log_to_driver)
     except (ConnectionError, RuntimeError, ValueError) as error:
         where = address or "a local cluster"
         raise PipelineError(f"cannot connect to Ray at {where} ({str(error).splitlines()[0]}); start a cluster "

@@ -1,0 +1,156 @@
+"""TrainConfig: one validated configuration for `macformer train`, from YAML plus key=value overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from macformer.config import MacformerConfig
+from pipelines.errors import PipelineError
+from pipelines.shards import load_manifest
+
+TASKS = ("causal_lm", "classification")
+PRECISIONS = ("fp32", "bf16", "fp16")
+SCHEDULES = ("constant", "cosine", "onecycle")
+
+
+class ConfigError(PipelineError):
+    pass
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs. `model` holds MacformerConfig fields; vocab_size, num_classes,
+    max_seq_len and causal are filled from the dataset's manifest when absent."""
+
+    data: str
+    task: str = "causal_lm"
+    model: dict[str, Any] = field(default_factory=dict)
+    num_workers: int = 2
+    use_gpu: bool = False
+    micro_batch_size: int = 4
+    gradient_accumulation: int = 1
+    max_steps: int = 100
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    adam_eps: float = 1e-8
+    schedule: str = "cosine"
+    warmup_steps: int = 10
+    gradient_clipping: float = 1.0
+    precision: str = "fp32"
+    zero_stage: int = 0
+    deepspeed_config: str | None = None
+    activation_checkpointing: bool = False
+    eval_every: int = 50
+    eval_batches: int = 4
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    max_failures: int = 0
+    seed: int = 0
+    experiment: str = "macformer"
+    run_name: str = "run"
+    storage_path: str = "runs"
+    tracking_uri: str | None = None
+    train_split: str | None = None
+    eval_split: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
+        for name in ("num_workers", "micro_batch_size", "gradient_accumulation", "max_steps", "eval_every",
+                     "eval_batches", "checkpoint_every", "keep_checkpoints"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_failures < 0 or self.warmup_steps < 0:
+            raise ConfigError("max_failures and warmup_steps must be >= 0")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate must be positive, got {self.learning_rate!r}")
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ConfigError("precision fp16 needs GPUs (DeepSpeed refuses it on CPU); use bf16 or fp32")
+        if self.deepspeed_config is not None and not Path(self.deepspeed_config).is_file():
+            raise ConfigError(f"deepspeed_config {self.deepspeed_config} not found; give a JSON file path")
+
+    @classmethod
+    def load(cls, path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+        """YAML file (optional) + `key=value` overrides (`model.num_features=64`); values parse as YAML."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config {path} not found; pass --config configs/<experiment>.yaml")
+            try:
+                data = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as error:
+                raise ConfigError(f"config {path} is not valid YAML ({str(error).splitlines()[0]})") from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"config {path} must be a mapping of settings")
+        for override in overrides:
+            key, sep, raw = override.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"override {override!r} is not key=value (e.g. model.num_features=64)")
+            target = data
+            *parents, leaf = key.split(".")
+            for parent in parents:
+                target = target.setdefault(parent, {})
+                if not isinstance(target, dict):
+                    raise ConfigError(f"override {override!r}: {parent} is not a section")
+            target[leaf] = yaml.safe_load(raw)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        if "data" not in data:
+            raise ConfigError("no data directory: set data: (a `macformer prepare` or `macformer lra` output)")
+        return cls(**data)
+
+    def with_absolute_paths(self) -> TrainConfig:
+        """Local paths made absolute: Ray workers run in another working directory."""
+        def absolute(path: str | None) -> str | None:
+            return path if path is None or "://" in path else str(Path(path).resolve())
+
+        return dataclasses.replace(self, data=absolute(self.data), deepspeed_config=absolute(self.deepspeed_config),
+                                   storage_path=absolute(self.storage_path),
+                                   tracking_uri=self.resolved_tracking_uri())
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def resolved_tracking_uri(self) -> str:
+        """--tracking-uri, else MLFLOW_TRACKING_URI, else a SQLite store in the working directory
+        (absolute, so Ray workers with another working directory write to the same one)."""
+        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+    def model_config(self) -> MacformerConfig:
+        """MacformerConfig from `model`, completed from the dataset manifest."""
+        manifest = load_manifest(self.data)
+        settings = dict(self.model)
+        if self.task == "causal_lm":
+            if manifest["kind"] != "causal_lm":
+                raise ConfigError(f"{self.data} is a {manifest['kind']} dataset; use task: classification")
+            settings.setdefault("vocab_size", manifest["tokenizer"]["vocab_size"])
+            settings.setdefault("max_seq_len", manifest["seq_len"] + 1)
+            settings.setdefault("causal", True)
+        else:
+            if manifest["kind"] != "classification":
+                raise ConfigError(f"{self.data} is a {manifest['kind']} dataset; use task: causal_lm")
+            settings.setdefault("vocab_size", manifest["vocab_size"])
+            settings.setdefault("num_classes", manifest["num_classes"])
+            settings.setdefault("max_seq_len", manifest["max_length"])
+            settings.setdefault("dual_encoder", manifest.get("task") == "retrieval")
+        settings.setdefault("seed", self.seed)
+        try:
+            return MacformerConfig.from_dict(settings)
+        except ValueError as error:
+            raise ConfigError(f"model: {error}") from None

@@ -1,0 +1,90 @@
+"""MLflow tracking of a training run, used by rank 0 only (other ranks get a no-op tracker)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from macformer.config import MacformerConfig
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_params(config: dict[str, Any], model: MacformerConfig, world_size: int, manifest: dict[str, Any]
+               ) -> dict[str, Any]:
+    """The parameters that identify a run in comparisons."""
+    kernel = model.kernel if isinstance(model.kernel, str) else "custom"
+    return {
+        "attention": model.attention, "kernel": kernel, "num_features": model.num_features, "p": model.p,
+        "ppsbn": model.ppsbn, "d_model": model.d_model, "num_layers": model.num_layers,
+        "num_heads": model.num_heads, "d_ff": model.d_ff, "seq_len": model.max_seq_len,
+        "world_size": world_size, "zero_stage": config["zero_stage"], "precision": config["precision"],
+        "micro_batch_size": config["micro_batch_size"], "gradient_accumulation": config["gradient_accumulation"],
+        "learning_rate": config["learning_rate"], "task": config["task"], "max_steps": config["max_steps"],
+        "dataset": config["data"], "dataset_fingerprint": manifest.get("fingerprint", "unknown"),
+    }
+
+
+def ensure_experiment(uri: str, name: str) -> None:
+    """Create the experiment from the driver, with artifacts beside a local SQLite store (MLflow
+    would otherwise put them under the working directory of whichever Ray worker created it)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    if client.get_experiment_by_name(name) is not None:
+        return
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    client.create_experiment(name, artifact_location=location)
+
+
+class Tracker:
+    """Thin use of MLflow's fluent API: one run per training run, resumed by run id after a restart."""
+
+    def __init__(self, uri: str, experiment: str, run_name: str, run_id: str | None = None) -> None:
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(experiment)
+        self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
+
+    @property
+    def run_id(self) -> str:
+        return self.run.info.run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        existing = self.mlflow.get_run(self.run_id).data.params
+        self.mlflow.log_params({k: v for k, v in params.items() if k not in existing})
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.mlflow.set_tags(tags)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.mlflow.log_metrics(metrics, step=step)
+
+    def log_artifacts(self, directory: Path, path: str) -> None:
+        self.mlflow.log_artifacts(str(directory), artifact_path=path)
+
+    def log_dict(self, data: dict[str, Any], name: str) -> None:
+        self.mlflow.log_dict(data, name)
+
+    def finish(self) -> None:
+        self.mlflow.end_run()
+
+
+class NoTracker:
+    """What ranks other than 0 use: every call does nothing."""
+
+    run_id = None
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None

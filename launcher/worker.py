@@ -1,0 +1,209 @@
+"""The training function each Ray Train worker runs: a Macformer model in a DeepSpeed engine, this
+rank's share of the shards, evaluation, checkpoints reported to Ray Train, MLflow on rank 0."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from launcher.batches import TrainBatches, eval_batches
+from launcher.config import TrainConfig
+from launcher.tracking import NoTracker, Tracker, run_params
+from macformer import MacformerForCausalLM, MacformerForSequenceClassification
+from pipelines.reader import ShardReader
+from pipelines.shards import load_manifest
+
+ENGINE_TAG = "engine"
+STATE_FILE = "trainer_state.json"
+EXPORT_DIR = "model"
+
+
+def deepspeed_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config: the JSON template if given, with batch, precision, ZeRO and clipping
+    taken from the TrainConfig (one source of truth for what the run logs)."""
+    base = json.loads(Path(config.deepspeed_config).read_text()) if config.deepspeed_config else {}
+    base.update({
+        "train_micro_batch_size_per_gpu": config.micro_batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation,
+        "train_batch_size": config.micro_batch_size * config.gradient_accumulation * world_size,
+        "gradient_clipping": config.gradient_clipping,
+        "bf16": {"enabled": config.precision == "bf16"},
+        "fp16": {"enabled": config.precision == "fp16"},
+        # torch's AdamW: DeepSpeed's fused Adam needs a compiled op (minutes on CPU) for no gain here.
+        "zero_allow_untested_optimizer": True,
+    })
+    base["zero_optimization"] = {**base.get("zero_optimization", {}), "stage": config.zero_stage}
+    return base
+
+
+def lr_lambda(config: TrainConfig):
+    """Multiplier of the peak learning rate at optimizer step s: linear warmup, then the schedule."""
+    warmup, total = config.warmup_steps, config.max_steps
+
+    def factor(step: int) -> float:
+        if config.schedule == "onecycle":  # up for 30% of the steps, then cosine down to 0
+            peak = max(1, int(0.3 * total))
+            if step < peak:
+                return (step + 1) / peak
+            return 0.5 * (1 + math.cos(math.pi * (step - peak) / max(1, total - peak)))
+        if step < warmup:
+            return (step + 1) / warmup
+        if config.schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return factor
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+
+
+def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    values = values.detach().float().cpu() if dist.get_backend() == "gloo" else values.detach().float()
+    dist.all_reduce(values)
+    return values / dist.get_world_size()
+
+
+def _evaluate(engine, batches: list[dict[str, torch.Tensor]], task: str) -> dict[str, float]:
+    """Loss (and accuracy) summed over this rank's evaluation batches, then combined across ranks."""
+    engine.eval()
+    totals = torch.zeros(3, dtype=torch.float64)  # loss * samples, correct, samples
+    with torch.no_grad():
+        for batch in batches:
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            output = engine(**batch)
+            size = batch["input_ids"].shape[0]
+            totals[0] += float(output.loss) * size
+            if task == "classification":
+                totals[1] += float((output.logits.argmax(-1) == batch["labels"]).sum())
+            totals[2] += size
+    engine.train()
+    dist.all_reduce(totals)
+    loss = float(totals[0] / totals[2].clamp_min(1))
+    metrics = {"eval_loss": loss}
+    if task == "causal_lm":
+        metrics["eval_perplexity"] = math.exp(min(loss, 50.0))
+    else:
+        metrics["eval_accuracy"] = float(totals[1] / totals[2].clamp_min(1))
+    return metrics
+
+
+def _save_checkpoint(engine, batches: TrainBatches, step: int, run_id: str | None, metrics: dict[str, float],
+                     rank: int) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as directory:
+        engine.save_checkpoint(directory, tag=ENGINE_TAG)  # every rank: ZeRO partitions live on each
+        (Path(directory) / f"reader-{rank}.json").write_text(json.dumps(batches.state_dict()))
+        if rank == 0:
+            (Path(directory) / STATE_FILE).write_text(json.dumps({"step": step, "run_id": run_id}))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def _export(engine, model_class, config: TrainConfig, rank: int, tracker) -> None:
+    """Safetensors + config.json of the final weights, loadable without DeepSpeed."""
+    import deepspeed
+
+    parameters = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(parameters, enabled=config.zero_stage == 3):
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as directory:
+                model = model_class(engine.module.config)
+                model.load_state_dict({k: v.float() for k, v in engine.module.state_dict().items()})
+                model.save_pretrained(directory)
+                tracker.log_artifacts(Path(directory), EXPORT_DIR)
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point. loop_config: {"train": TrainConfig fields, "git_commit": str}."""
+    config = TrainConfig(**loop_config["train"])
+    if not config.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import ray.train
+
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(config.seed)
+    model_config = config.model_config()
+    model_class = MacformerForCausalLM if config.task == "causal_lm" else MacformerForSequenceClassification
+    model = model_class(model_config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, eps=config.adam_eps,
+                                  weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, world_size)
+    )
+    batches = TrainBatches(ShardReader(config.data, rank, world_size, seed=config.seed, split=config.train_split),
+                           config.task, config.micro_batch_size)
+    evaluation = eval_batches(ShardReader(config.data, rank, world_size, shuffle=False, split=config.eval_split),
+                              config.task, config.micro_batch_size, config.eval_batches)
+
+    step, run_id = 0, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            engine.load_checkpoint(directory, tag=ENGINE_TAG)
+            batches.load_state_dict(json.loads((Path(directory) / f"reader-{rank}.json").read_text()))
+            state = json.loads((Path(directory) / STATE_FILE).read_text())
+            step, run_id = state["step"], state["run_id"]
+    tracker = NoTracker()
+    if rank == 0:
+        tracker = Tracker(config.resolved_tracking_uri(), config.experiment, config.run_name, run_id)
+        manifest = load_manifest(config.data)
+        tracker.log_params(run_params(config.to_dict(), model_config, world_size, manifest))
+        tracker.set_tags({"git_commit": loop_config["git_commit"],
+                          "ray_job_id": os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID", "none"),
+                          "resumed_from_step": str(step)})
+        if run_id is None:
+            tracker.log_dict(config.to_dict(), "config/train.json")
+            tracker.log_dict(model_config.to_dict(), "config/model.json")
+            tracker.log_dict(deepspeed_config(config, world_size), "config/deepspeed.json")
+        print(f"training {model_config.attention} ({model_config.kernel}, D={model_config.num_features}) on "
+              f"{world_size} workers from step {step}; MLflow run {tracker.run_id}", flush=True)
+
+    iterator = iter(batches)
+    engine.train()
+    while step < config.max_steps:
+        started = time.perf_counter()
+        losses, tokens = [], 0
+        for _ in range(config.gradient_accumulation):
+            batch = {k: v.to(engine.device) for k, v in next(iterator).items()}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.detach().float())
+            tokens += int(batch["input_ids"].numel())
+        step += 1
+        elapsed = time.perf_counter() - started
+        metrics = {
+            "train_loss": float(_mean_over_ranks(torch.stack(losses).mean())),
+            "tokens_per_s": tokens * world_size / elapsed,
+            "samples_per_s": config.micro_batch_size * config.gradient_accumulation * world_size / elapsed,
+            "step_time_s": elapsed,
+            "learning_rate": scheduler.get_last_lr()[0],
+            "peak_memory_mb": _peak_memory_mb(engine.device),
+        }
+        if step % config.eval_every == 0 or step == config.max_steps:
+            metrics.update(_evaluate(engine, evaluation, config.task))
+        tracker.log_metrics(metrics, step)
+        if rank == 0:
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in
+                              ("train_loss", "eval_loss", "eval_accuracy", "tokens_per_s"))
+            print(f"step {step}/{config.max_steps}: {shown}", flush=True)
+        if step % config.checkpoint_every == 0 or step == config.max_steps:
+            _save_checkpoint(engine, batches, step, tracker.run_id, {**metrics, "step": step}, rank)
+    _export(engine, model_class, config, rank, tracker)
+    tracker.finish()
