@@ -89,10 +89,14 @@ def _evaluate(engine, batches: list[dict[str, torch.Tensor]], task: str) -> dict
             if task == "classification":
                 totals[1] += float((output.logits.argmax(-1) == batch["labels"]).sum())
             totals[2] += size
+        # Attention error against exact attention on a fixed batch (every rank: ZeRO-3 gathers together).
+        first = {k: v.to(engine.device) for k, v in batches[0].items()}
+        trunk = engine.module.model if task == "causal_lm" else engine.module.encoder
+        approximation_error = trunk.attention_approximation_error(first["input_ids"], first.get("attention_mask"))
     engine.train()
     dist.all_reduce(totals)
     loss = float(totals[0] / totals[2].clamp_min(1))
-    metrics = {"eval_loss": loss}
+    metrics = {"eval_loss": loss, "attention_approx_error": approximation_error}
     if task == "causal_lm":
         metrics["eval_perplexity"] = math.exp(min(loss, 50.0))
     else:

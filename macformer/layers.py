@@ -69,6 +69,28 @@ class MacformerAttention(nn.Module):
             return F.normalize(x, dim=-1)
         return x * self.config.head_dim**-0.25
 
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, length, _ = x.shape
+        config = self.config
+        q, k, v = self.qkv(x).view(batch, length, 3, config.num_heads, config.head_dim).permute(2, 0, 3, 1, 4)
+        return self._scale(q), self._scale(k), v
+
+    @torch.no_grad()
+    def approximation_error(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> float:
+        """Relative Frobenius error of this layer's random-feature attention against the exact
+        attention it estimates (kernel attention of `kernel` for rmfa, of exp for rfa and favor),
+        on the same q, k, v. 0 for exact mechanisms."""
+        if self.feature_map is None:
+            return 0.0
+        q, k, v = (t.float() for t in self._project(x))
+        approx = feature_attention(q, k, v, self.feature_map, self.config.causal, key_padding_mask)
+        kernel = self.config.kernel if self.config.attention == "rmfa" else "exp"
+        if self.config.attention == "rfa":  # for equal-norm q, k the Gaussian kernel is exp(sigma^2 q.k) / const
+            sigma = self.feature_map.bandwidth().float()
+            q, k = q * sigma, k * sigma
+        exact = kernel_attention(q, k, v, kernel, self.config.causal, key_padding_mask)
+        return float((approx - exact).norm() / exact.norm().clamp_min(torch.finfo(exact.dtype).tiny))
+
     def forward(
         self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, cache: LayerCache | None = None
     ) -> torch.Tensor:
@@ -76,8 +98,7 @@ class MacformerAttention(nn.Module):
         (causal decoding), x holds the new tokens and the cache is updated in place."""
         batch, length, _ = x.shape
         config = self.config
-        q, k, v = self.qkv(x).view(batch, length, 3, config.num_heads, config.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self._scale(q), self._scale(k)
+        q, k, v = self._project(x)
         gate = torch.sigmoid(self.gate(x)).transpose(1, 2) if self.gate is not None else None
         if self.feature_map is not None:
             self.feature_map.maybe_redraw()

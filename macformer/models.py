@@ -118,6 +118,26 @@ class MacformerModel(PreTrainedMacformer):
         return self.norm(x)
 
 
+    @torch.no_grad()
+    def attention_approximation_error(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> float:
+        """Mean over layers of each attention's relative error against the exact attention its
+        random features estimate, on the hidden states this input produces (0 for exact attention)."""
+        errors: list[float] = []
+
+        def measure(module: nn.Module, args: tuple) -> None:
+            errors.append(module.approximation_error(args[0], args[1] if len(args) > 1 else None))
+
+        hooks = [block.attention.register_forward_pre_hook(measure) for block in self.blocks]
+        try:
+            self(input_ids, attention_mask)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return sum(errors) / len(errors)
+
+
 class MacformerForSequenceClassification(PreTrainedMacformer):
     """Bidirectional encoder + pooling (masked mean or CLS) + 2-layer MLP head, as in Long Range
     Arena. With dual_encoder=True (LRA Retrieval) both inputs go through the shared encoder and the

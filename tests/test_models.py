@@ -173,3 +173,17 @@ def test_models_reject_mismatched_configs_and_inputs() -> None:
         model(torch.zeros(1, 129, dtype=torch.long))
     with pytest.raises(ValueError, match="vocab_size"):
         model(torch.full((1, 4), VOCAB))
+
+
+@pytest.mark.parametrize(("attention", "overrides"), [("rmfa", {}), ("rmfa", {"kernel": "inverse"}), ("favor", {}),
+                                                      ("rfa", {"rfa_learned_sigma": True}), ("softmax", {})])
+def test_attention_approximation_error_falls_with_more_features(attention: str, overrides: dict) -> None:
+    tokens = torch.randint(0, VOCAB, (2, 40))
+    errors = []
+    for num_features in (48, 2048):
+        model = _lm(attention, num_features=num_features, **overrides).eval()
+        errors.append(model.model.attention_approximation_error(tokens))
+    if attention == "softmax":
+        assert errors == [0.0, 0.0]
+    else:
+        assert 0 < errors[1] < errors[0] and errors[1] < 0.1, errors

@@ -74,6 +74,7 @@ def test_lm_trains_with_zero2_bf16_and_is_tracked(tmp_path, lm_data) -> None:
     assert (params["attention"], params["kernel"], params["num_features"]) == ("rmfa", "exp", "48")
     assert (params["zero_stage"], params["precision"], params["world_size"]) == ("2", "bf16", "2")
     assert params["dataset_fingerprint"] and run.data.tags["git_commit"]
+    assert 0 < run.data.metrics["attention_approx_error"] < 1
     for name in ("eval_loss", "eval_perplexity", "tokens_per_s", "samples_per_s", "step_time_s", "learning_rate",
                  "peak_memory_mb"):
         assert name in run.data.metrics, name
