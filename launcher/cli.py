@@ -131,7 +131,72 @@ def _run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"prepare": (_add_prepare, _run_prepare), "lra": (_add_lra, _run_lra), "train": (_add_train, _run_train)}
+def _add_compare(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("compare", help="table and plots of an MLflow experiment's runs")
+    parser.add_argument("--experiment", required=True)
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: ./mlflow.db)")
+    parser.add_argument("--plots", default="compare", help="directory for the PNG plots")
+
+
+def _run_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from pathlib import Path
+
+    from launcher.compare import collect, format_table, plot
+    from launcher.tracking import default_tracking_uri
+
+    rows = collect(args.experiment, default_tracking_uri(args.tracking_uri))
+    if not rows:
+        raise PipelineError(f"experiment {args.experiment!r} has no training run yet; run `macformer train` first")
+    print(format_table(rows))
+    for path in plot(rows, Path(args.plots)):
+        print(f"wrote {path}")
+    return 0
+
+
+def _add_sweep(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("sweep", help="a grid of training runs through Ray Tune, child runs in MLflow")
+    parser.add_argument("--grid", required=True, help="sweep YAML (configs/sweeps/*.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every trial")
+    parser.add_argument("--ray-address", default=None)
+
+
+def _run_sweep(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from launcher.sweep import Sweep, run_sweep
+
+    sweep = Sweep.load(args.grid, list(args.overrides))
+    parent = run_sweep(sweep, args.ray_address)
+    print(f"sweep {sweep.name}: {len(sweep.trials)} trials under MLflow run {parent}; "
+          f"compare with `macformer compare --experiment {sweep.trials[0].experiment}`")
+    return 0
+
+
+def _add_submit(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "submit", help="run `macformer train` as a Ray job on a cluster",
+        description="Validates the training config here and submits `python -m launcher.cli train <settings>` "
+                    "(every setting explicit, local paths absolute) with this directory as the job's working_dir; "
+                    "prints the job id and follows the logs. Equivalent to `ray job submit --working-dir . -- ...`.",
+    )
+    parser.add_argument("--address", default="http://127.0.0.1:8265", help="Ray dashboard / Jobs API address")
+    parser.add_argument("--config", help="YAML experiment config")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow URI the job logs to (default: ./mlflow.db)")
+    parser.add_argument("--no-follow", action="store_true", help="return once the job is submitted and done")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+
+
+def _run_submit(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from launcher.config import TrainConfig
+    from launcher.submit import submit
+
+    overrides = list(args.overrides) + ([f"tracking_uri={args.tracking_uri}"] if args.tracking_uri else [])
+    job_id, status = submit(TrainConfig.load(args.config, overrides), args.address, follow=not args.no_follow)
+    print(f"Ray job {job_id}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+COMMANDS = {"prepare": (_add_prepare, _run_prepare), "lra": (_add_lra, _run_lra), "train": (_add_train, _run_train),
+            "compare": (_add_compare, _run_compare), "sweep": (_add_sweep, _run_sweep),
+            "submit": (_add_submit, _run_submit)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +55,7 @@ class TrainConfig:
     run_name: str = "run"
     storage_path: str = "runs"
     tracking_uri: str | None = None
+    parent_run_id: str | None = None
     train_split: str | None = None
     eval_split: str | None = None
 
@@ -128,9 +128,9 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def resolved_tracking_uri(self) -> str:
-        """--tracking-uri, else MLFLOW_TRACKING_URI, else a SQLite store in the working directory
-        (absolute, so Ray workers with another working directory write to the same one)."""
-        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+        from launcher.tracking import default_tracking_uri
+
+        return default_tracking_uri(self.tracking_uri)
 
     def model_config(self) -> MacformerConfig:
         """MacformerConfig from `model`, completed from the dataset manifest."""

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from macformer.config import MacformerConfig
+
+# Set by `macformer submit` in the job's environment: the Ray job id the MLflow run is tagged with.
+JOB_ID_ENV = "MACFORMER_RAY_JOB_ID"
+
+
+def default_tracking_uri(explicit: str | None = None) -> str:
+    """The given URI, else MLFLOW_TRACKING_URI, else a SQLite store in the working directory (absolute,
+    so Ray workers running elsewhere write to the same one)."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
 def git_commit() -> str:
@@ -49,13 +59,18 @@ def ensure_experiment(uri: str, name: str) -> None:
 class Tracker:
     """Thin use of MLflow's fluent API: one run per training run, resumed by run id after a restart."""
 
-    def __init__(self, uri: str, experiment: str, run_name: str, run_id: str | None = None) -> None:
+    def __init__(self, uri: str, experiment: str, run_name: str, run_id: str | None = None,
+                 parent_run_id: str | None = None) -> None:
         import mlflow
 
         self.mlflow = mlflow
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(experiment)
-        self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
+        if run_id:
+            self.run = mlflow.start_run(run_id=run_id)
+        else:  # a sweep trial is a child of the sweep's parent run
+            tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
+            self.run = mlflow.start_run(run_name=run_name, tags=tags)
 
     @property
     def run_id(self) -> str:

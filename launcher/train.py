@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from launcher.config import ConfigError, TrainConfig
-from launcher.tracking import ensure_experiment, git_commit
+from launcher.tracking import JOB_ID_ENV, ensure_experiment, git_commit
 from pipelines.ray_runtime import ray_session
 from pipelines.reader import ShardReader
 
@@ -27,27 +28,36 @@ def check_ready(config: TrainConfig) -> None:
     ensure_experiment(uri, config.experiment)
 
 
+def fit(config: TrainConfig) -> dict[str, Any]:
+    """One TorchTrainer run in the current Ray cluster (config already checked, paths absolute)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from launcher.worker import train_worker
+
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "train": config.to_dict(), "git_commit": git_commit(),
+            # `macformer submit` names the job; otherwise the id of this Ray driver.
+            "ray_job_id": os.environ.get(JOB_ID_ENV) or ray.get_runtime_context().get_job_id(),
+        },
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu),
+        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=config.run_name,
+            storage_path=config.storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=config.max_failures),
+        ),
+    )
+    return dict(trainer.fit().metrics or {})
+
+
 def train(config: TrainConfig, ray_address: str | None = None) -> dict[str, Any]:
     """Run (or, with the same run_name and storage_path, resume) training; returns the last metrics."""
     config = config.with_absolute_paths()
     check_ready(config)
     with ray_session(ray_address, log_to_driver=True, dashboard=True):
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchConfig, TorchTrainer
-
-        from launcher.worker import train_worker
-
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config={"train": config.to_dict(), "git_commit": git_commit()},
-            scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu),
-            torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
-            run_config=RunConfig(
-                name=config.run_name,
-                storage_path=config.storage_path,
-                checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
-                failure_config=FailureConfig(max_failures=config.max_failures),
-            ),
-        )
-        result = trainer.fit()
-    return dict(result.metrics or {})
+        return fit(config)

@@ -131,7 +131,7 @@ def _export(engine, model_class, config: TrainConfig, rank: int, tracker) -> Non
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point. loop_config: {"train": TrainConfig fields, "git_commit": str}."""
+    """Ray Train entry point. loop_config: {"train": TrainConfig fields, "git_commit": ..., "ray_job_id": ...}."""
     config = TrainConfig(**loop_config["train"])
     if not config.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -144,6 +144,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     model_config = config.model_config()
     model_class = MacformerForCausalLM if config.task == "causal_lm" else MacformerForSequenceClassification
     model = model_class(model_config)
+    if config.activation_checkpointing:
+        (model.model if config.task == "causal_lm" else model.encoder).enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, eps=config.adam_eps,
                                   weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
@@ -165,11 +167,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             step, run_id = state["step"], state["run_id"]
     tracker = NoTracker()
     if rank == 0:
-        tracker = Tracker(config.resolved_tracking_uri(), config.experiment, config.run_name, run_id)
+        tracker = Tracker(config.resolved_tracking_uri(), config.experiment, config.run_name, run_id,
+                          config.parent_run_id)
         manifest = load_manifest(config.data)
         tracker.log_params(run_params(config.to_dict(), model_config, world_size, manifest))
         tracker.set_tags({"git_commit": loop_config["git_commit"],
-                          "ray_job_id": os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID", "none"),
+                          "ray_job_id": loop_config["ray_job_id"],
                           "resumed_from_step": str(step)})
         if run_id is None:
             tracker.log_dict(config.to_dict(), "config/train.json")

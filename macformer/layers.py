@@ -101,7 +101,6 @@ class MacformerAttention(nn.Module):
         q, k, v = self._project(x)
         gate = torch.sigmoid(self.gate(x)).transpose(1, 2) if self.gate is not None else None
         if self.feature_map is not None:
-            self.feature_map.maybe_redraw()
             if cache is None:
                 out = feature_attention(q, k, v, self.feature_map, config.causal, key_padding_mask, gate,
                                         config.chunk_size)

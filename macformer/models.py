@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -85,7 +86,12 @@ class MacformerModel(PreTrainedMacformer):
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(MacformerBlock(config, i) for i in range(config.num_layers))
         self.norm = nn.LayerNorm(config.d_model)
+        self.gradient_checkpointing = False
         self.apply(self._init_weights)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each block's activations in backward instead of storing them (less memory)."""
+        self.gradient_checkpointing = True
 
     def forward(
         self,
@@ -113,8 +119,14 @@ class MacformerModel(PreTrainedMacformer):
                 padding = F.pad(padding, (1, 0), value=False)
         positions = torch.arange(position_offset, position_offset + x.shape[1], device=x.device)
         x = self.dropout(x + self.position_embedding(positions))
+        for block in self.blocks:  # once per forward pass, outside any recomputation
+            if block.attention.feature_map is not None:
+                block.attention.feature_map.maybe_redraw()
         for index, block in enumerate(self.blocks):
-            x = block(x, padding, None if caches is None else caches[index])
+            if self.gradient_checkpointing and self.training and caches is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, padding, use_reentrant=False)
+            else:
+                x = block(x, padding, None if caches is None else caches[index])
         return self.norm(x)
 
 

@@ -42,6 +42,7 @@ def ray_session(address: str | None, num_cpus: int | None = None, log_to_driver:
     if ray.is_initialized():
         yield
         return
+    address = address or os.environ.get("RAY_ADDRESS")  # set for the driver of a submitted Ray job
     if address:
         check_reachable(address)
     try:

@@ -187,3 +187,16 @@ def test_attention_approximation_error_falls_with_more_features(attention: str, 
         assert errors == [0.0, 0.0]
     else:
         assert 0 < errors[1] < errors[0] and errors[1] < 0.1, errors
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    tokens = torch.randint(0, VOCAB, (2, 24))
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(3)
+        model = _lm("rmfa", feature_redraw_interval=1)
+        if checkpointing:
+            model.model.enable_gradient_checkpointing()
+        model(tokens, labels=tokens).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1])

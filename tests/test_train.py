@@ -2,8 +2,10 @@
 
 import os
 import signal
+import sys
 import threading
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -149,3 +151,86 @@ def test_train_bad_input(tmp_path, lm_data, capsys) -> None:
     assert "not a prepared dataset" in capsys.readouterr().err
     assert main(["train", f"data={lm_data}", "--tracking-uri", "http://127.0.0.1:9"]) == 2
     assert "unreachable" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head():
+    """A separate Ray head on 127.0.0.1 with the Jobs API, stopped with its whole process group."""
+    import shutil
+    import subprocess
+    import tempfile
+    import urllib.request
+
+    temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    port, dashboard = _free_port(), _free_port()
+    venv = str(Path(sys.executable).parent)  # as if started from the activated environment
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "PATH": f"{venv}:{os.environ.get('PATH', '')}"}
+    head = subprocess.Popen(
+        [str(Path(venv) / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+         "--port", str(port),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
+         "--disable-usage-stats", "--temp-dir", temp_dir,
+         # Own agent ports: the session's other local Ray already holds the default ones.
+         "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
+         "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port())],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2).close()
+                break
+            except OSError:
+                time.sleep(1)
+        else:
+            raise RuntimeError("the Ray head did not come up")
+        yield address
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_job_submit_runs_training(tmp_path, lm_data, ray_head, capsys) -> None:
+    import yaml
+
+    config = _config(tmp_path, lm_data, max_steps=4, eval_every=4, checkpoint_every=4)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    assert main(["submit", "--address", ray_head, "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "submitted Ray job" in out and "SUCCEEDED" in out
+    _, run = _run(config)
+    assert run.info.status == "FINISHED" and run.data.tags["ray_job_id"].startswith("macformer-run-")
+    assert sorted(_history(config, "train_loss")) == [1, 2, 3, 4]
+
+
+def test_sweep_makes_child_runs_and_compare_prints_them(tmp_path, lm_data, capsys) -> None:
+    import yaml
+
+    base = _config(tmp_path, lm_data, max_steps=3, eval_every=3, checkpoint_every=3, experiment="sweep")
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base.to_dict()))
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(
+        {"name": "two", "base": str(tmp_path / "base.yaml"), "grid": {"model.num_features": [40, 80]}}))
+    assert main(["sweep", "--grid", str(tmp_path / "grid.yaml")]) == 0
+    client = mlflow.MlflowClient(tracking_uri=base.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+    (parent,) = [r for r in runs if "attention" not in r.data.params]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.params["num_features"] for r in children) == ["40", "80"]
+    capsys.readouterr()
+    assert main(["compare", "--experiment", "sweep", "--tracking-uri", base.tracking_uri,
+                 "--plots", str(tmp_path / "plots")]) == 0
+    table = capsys.readouterr().out
+    assert "| two-0 | rmfa | exp | 40 |" in table and "| two-1 | rmfa | exp | 80 |" in table
+    assert (tmp_path / "plots" / "quality_vs_features.png").stat().st_size > 0

@@ -1,0 +1,92 @@
+"""`macformer compare`: read an experiment's runs back through MLflow and compare them (table + plots)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from launcher.config import ConfigError
+
+
+def _history(client, run_id: str, metric: str) -> list[float]:
+    return [m.value for m in sorted(client.get_metric_history(run_id, metric), key=lambda m: (m.step, m.timestamp))]
+
+
+def collect(experiment: str, tracking_uri: str) -> list[dict[str, Any]]:
+    """One row per training run of the experiment (sweep parents, which hold no model, are skipped)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = ", ".join(e.name for e in client.search_experiments()) or "none"
+        raise ConfigError(f"no experiment {experiment!r} at {tracking_uri} (experiments: {names}); "
+                          "check --experiment and --tracking-uri")
+    rows = []
+    for run in client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"]):
+        params = run.data.params
+        if "attention" not in params:
+            continue
+        run_id = run.info.run_id
+        accuracy, perplexity = _history(client, run_id, "eval_accuracy"), _history(client, run_id, "eval_perplexity")
+        speed, error = _history(client, run_id, "tokens_per_s"), _history(client, run_id, "attention_approx_error")
+        rows.append({
+            "run": run.info.run_name, "status": run.info.status, "attention": params["attention"],
+            "kernel": params.get("kernel", ""), "num_features": int(params.get("num_features", 0)),
+            "ppsbn": params.get("ppsbn", ""), "steps": len(_history(client, run_id, "train_loss")),
+            "best_accuracy": max(accuracy) if accuracy else None,
+            "best_perplexity": min(perplexity) if perplexity else None,
+            # The first step includes warm-up (allocation, first all-reduce): leave it out of the mean.
+            "tokens_per_s": sum(speed[1:]) / len(speed[1:]) if len(speed) > 1 else (speed[0] if speed else None),
+            "approx_error": error[-1] if error else None,
+        })
+    return rows
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    columns = ["run", "attention", "kernel", "num_features", "ppsbn", "steps", "best_accuracy", "best_perplexity",
+               "tokens_per_s", "approx_error", "status"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], directory: Path) -> list[Path]:
+    """Quality vs throughput per kernel, and quality vs D per kernel, as PNG files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = "best_accuracy" if any(r["best_accuracy"] is not None for r in rows) else "best_perplexity"
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row[metric] is not None:
+            kernel_based = row["attention"] in ("rmfa", "kernel")
+            label = f"{row['attention']}-{row['kernel']}" if kernel_based else row["attention"]
+            groups.setdefault(label, []).append(row)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, x_key, x_label in (("quality_vs_throughput.png", "tokens_per_s", "tokens/s"),
+                                 ("quality_vs_features.png", "num_features", "D (random features)")):
+        figure, axes = plt.subplots(figsize=(6, 4))
+        for label, members in sorted(groups.items()):
+            members = sorted((r for r in members if r[x_key] is not None), key=lambda r: r[x_key])
+            axes.plot([r[x_key] for r in members], [r[metric] for r in members], marker="o", label=label)
+        if x_key == "num_features":
+            axes.set_xscale("log", base=2)
+        axes.set_xlabel(x_label)
+        axes.set_ylabel(metric.replace("_", " "))
+        axes.legend(fontsize=8)
+        axes.grid(alpha=0.3)
+        figure.tight_layout()
+        figure.savefig(directory / name, dpi=120)
+        plt.close(figure)
+        paths.append(directory / name)
+    return paths

@@ -1,0 +1,87 @@
+"""`macformer sweep`: a grid of training runs (kernel x D x ...) through Ray Tune, each trial a
+TorchTrainer run logged as a child of one MLflow parent run."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from launcher.config import ConfigError, TrainConfig
+from launcher.tracking import ensure_experiment, git_commit
+from launcher.train import check_ready, fit
+from pipelines.ray_runtime import ray_session
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    trials: list[TrainConfig]
+    max_concurrent_trials: int = 1
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] = ()) -> Sweep:
+        """YAML with `base` (a train config), `grid` (setting -> list of values), optional
+        `overrides` (key=value for every trial), `name` and `max_concurrent_trials`."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"sweep grid {path} not found; pass --grid configs/sweeps/<name>.yaml")
+        spec = yaml.safe_load(path.read_text()) or {}
+        unknown = sorted(set(spec) - {"base", "grid", "overrides", "name", "max_concurrent_trials"})
+        if unknown or not isinstance(spec.get("grid"), dict) or not spec["grid"]:
+            raise ConfigError(f"sweep grid {path}: needs a non-empty `grid:` mapping (unknown keys: {unknown})")
+        name = spec.get("name", path.stem)
+        common = list(spec.get("overrides", [])) + list(overrides)
+        keys = list(spec["grid"])
+        values = [v if isinstance(v, list) else [v] for v in spec["grid"].values()]
+        trials = []
+        for index, combination in enumerate(itertools.product(*values)):
+            settings = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
+                        for k, v in zip(keys, combination, strict=True)]
+            trials.append(TrainConfig.load(spec.get("base"), [*common, *settings, f"run_name={name}-{index}"]))
+        return cls(name, trials, int(spec.get("max_concurrent_trials", 1)))
+
+
+def _trial(params: dict[str, Any]) -> None:
+    """Tune trainable: one TorchTrainer run."""
+    from ray import tune
+
+    tune.report({k: v for k, v in fit(TrainConfig(**params["train"])).items() if isinstance(v, (int, float))})
+
+
+def run_sweep(sweep: Sweep, ray_address: str | None = None) -> str:
+    """Run every trial; returns the MLflow parent run id."""
+    import mlflow
+
+    trials = [trial.with_absolute_paths() for trial in sweep.trials]
+    for trial in trials:
+        check_ready(trial)
+    first = trials[0]
+    ensure_experiment(first.tracking_uri, first.experiment)
+    client = mlflow.MlflowClient(tracking_uri=first.tracking_uri)
+    parent = client.create_run(client.get_experiment_by_name(first.experiment).experiment_id, run_name=sweep.name,
+                               tags={"sweep": sweep.name, "git_commit": git_commit(), "trials": str(len(trials))})
+    status = "FAILED"
+    try:
+        with ray_session(ray_address, log_to_driver=True, dashboard=True):
+            from ray import tune
+
+            tuner = tune.Tuner(
+                # The TorchTrainer inside reserves the CPUs/GPUs; the trial itself only needs a little memory.
+                tune.with_resources(_trial, {"cpu": 0, "memory": 256 * 2**20}),
+                param_space={"train": tune.grid_search(
+                    [{**t.to_dict(), "parent_run_id": parent.info.run_id} for t in trials])},
+                tune_config=tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent_trials),
+                run_config=tune.RunConfig(name=f"sweep-{sweep.name}", storage_path=first.storage_path),
+            )
+            results = tuner.fit()
+            errors = [str(r.error).splitlines()[0] for r in results if r.error]
+            if errors:
+                raise ConfigError(f"{len(errors)} of {len(trials)} sweep trials failed; first: {errors[0]}")
+        status = "FINISHED"
+    finally:
+        client.set_terminated(parent.info.run_id, status=status)
+    return parent.info.run_id
