@@ -194,9 +194,51 @@ def _run_submit(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0 if status == "SUCCEEDED" else 1
 
 
+def _add_eval(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("eval", help="evaluate an exported model on a prepared dataset")
+    parser.add_argument("--checkpoint", required=True, help="exported model directory or runs:/<run_id>/model")
+    parser.add_argument("--data", required=True, help="dataset directory (prepare or lra output)")
+    parser.add_argument("--split", default=None, help="split of a task dataset (e.g. test)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batches", type=int, default=50)
+    parser.add_argument("--tracking-uri", default=None, help="MLflow URI for runs:/ checkpoints")
+
+
+def _run_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from launcher.evaluate import evaluate, load_exported
+
+    model = load_exported(args.checkpoint, args.tracking_uri)
+    metrics = evaluate(model, args.data, args.split, args.batch_size, args.batches)
+    print(", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    return 0
+
+
+def _add_generate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("generate", help="continue a prompt with an exported causal LM "
+                                   "(recurrent O(D d) state for feature attentions, KV cache for softmax)")
+    parser.add_argument("--checkpoint", required=True, help="exported model directory or runs:/<run_id>/model")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer.model of the training dataset")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-k", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tracking-uri", default=None, help="MLflow URI for runs:/ checkpoints")
+
+
+def _run_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from launcher.evaluate import generate_text, load_exported
+
+    model = load_exported(args.checkpoint, args.tracking_uri)
+    print(generate_text(model, args.tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                        args.seed))
+    return 0
+
+
 COMMANDS = {"prepare": (_add_prepare, _run_prepare), "lra": (_add_lra, _run_lra), "train": (_add_train, _run_train),
             "compare": (_add_compare, _run_compare), "sweep": (_add_sweep, _run_sweep),
-            "submit": (_add_submit, _run_submit)}
+            "submit": (_add_submit, _run_submit), "eval": (_add_eval, _run_eval),
+            "generate": (_add_generate, _run_generate)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -65,7 +65,7 @@ def _run(config: TrainConfig):
     return client, run
 
 
-def test_lm_trains_with_zero2_bf16_and_is_tracked(tmp_path, lm_data) -> None:
+def test_lm_trains_with_zero2_bf16_and_is_tracked(tmp_path, lm_data, capsys) -> None:
     config = _config(tmp_path, lm_data)
     metrics = train(config)
     losses = _history(config, "train_loss")
@@ -85,6 +85,13 @@ def test_lm_trains_with_zero2_bf16_and_is_tracked(tmp_path, lm_data) -> None:
     model = MacformerForCausalLM.from_pretrained(model_dir).eval()
     tokens = torch.randint(0, model.config.vocab_size, (1, 32))
     assert model(tokens, labels=tokens).loss.isfinite()
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", model_dir, "--data", str(lm_data), "--batches", "2", "--batch-size", "2"]) == 0
+    assert "eval_perplexity" in capsys.readouterr().out
+    assert main(["generate", "--checkpoint", f"runs:/{run.info.run_id}/model", "--tokenizer",
+                 str(lm_data / "tokenizer.model"), "--prompt", "def ", "--max-new-tokens", "8",
+                 "--tracking-uri", config.tracking_uri]) == 0
+    assert capsys.readouterr().out.startswith("def ")
     assert {a.path for a in client.list_artifacts(run.info.run_id, "config")} == {
         "config/train.json", "config/model.json", "config/deepspeed.json"}
 

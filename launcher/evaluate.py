@@ -1,0 +1,72 @@
+"""`macformer eval` and `macformer generate` on an exported model (safetensors + config.json), no
+DeepSpeed or Ray needed: a local directory, or an MLflow artifact URI such as runs:/<run_id>/model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from launcher.batches import eval_batches
+from launcher.config import ConfigError
+from launcher.tracking import default_tracking_uri
+from macformer import MacformerForCausalLM, MacformerForSequenceClassification
+from macformer.models import CONFIG_FILE, PreTrainedMacformer
+from pipelines.reader import ShardReader
+from pipelines.tokenizer import processor_from_bytes
+
+MODEL_CLASSES = {cls.__name__: cls for cls in (MacformerForCausalLM, MacformerForSequenceClassification)}
+
+
+def load_exported(location: str, tracking_uri: str | None = None) -> PreTrainedMacformer:
+    if "://" in location or location.startswith("runs:/"):
+        import mlflow
+
+        location = mlflow.artifacts.download_artifacts(artifact_uri=location,
+                                                       tracking_uri=default_tracking_uri(tracking_uri))
+    path = Path(location) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{location} holds no exported model ({CONFIG_FILE} missing); pass the `model` "
+                          "directory a training run exports, or runs:/<run_id>/model")
+    model_type = json.loads(path.read_text()).get("model_type")
+    if model_type not in MODEL_CLASSES:
+        raise ConfigError(f"{location} holds a {model_type!r}, not one of {', '.join(MODEL_CLASSES)}")
+    return MODEL_CLASSES[model_type].from_pretrained(location).eval()
+
+
+@torch.no_grad()
+def evaluate(model: PreTrainedMacformer, data: str, split: str | None, batch_size: int, batches: int
+             ) -> dict[str, float]:
+    task = "causal_lm" if isinstance(model, MacformerForCausalLM) else "classification"
+    loss_sum, correct, count = 0.0, 0, 0
+    for batch in eval_batches(ShardReader(data, shuffle=False, split=split), task, batch_size, batches):
+        output = model(**batch)
+        loss_sum += float(output.loss) * len(batch["input_ids"])
+        count += len(batch["input_ids"])
+        if task == "classification":
+            correct += int((output.logits.argmax(-1) == batch["labels"]).sum())
+    if count == 0:
+        raise ConfigError(f"{data} has fewer samples than one batch of {batch_size}; lower --batch-size")
+    metrics = {"eval_loss": loss_sum / count, "samples": float(count)}
+    if task == "causal_lm":
+        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+    else:
+        metrics["eval_accuracy"] = correct / count
+    return metrics
+
+
+@torch.no_grad()
+def generate_text(model: PreTrainedMacformer, tokenizer: str, prompt: str, max_new_tokens: int,
+                  temperature: float, top_k: int | None, seed: int) -> str:
+    if not isinstance(model, MacformerForCausalLM):
+        raise ConfigError("generate needs a causal LM checkpoint")
+    path = Path(tokenizer)
+    if not path.is_file():
+        raise ConfigError(f"tokenizer {path} not found; pass the tokenizer.model of the training dataset")
+    processor = processor_from_bytes(path.read_bytes())
+    ids = processor.encode(prompt) or [processor.eos_id()]
+    tokens = model.generate(torch.tensor([ids]), max_new_tokens, temperature=temperature, top_k=top_k,
+                            eos_token_id=processor.eos_id(), generator=torch.Generator().manual_seed(seed))
+    return processor.decode([i for i in tokens[0].tolist() if i != processor.eos_id()])
