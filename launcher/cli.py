@@ -196,7 +196,8 @@ def _run_submit(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def _add_eval(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="evaluate an exported model on a prepared dataset")
-    parser.add_argument("--checkpoint", required=True, help="exported model directory or runs:/<run_id>/model")
+    parser.add_argument("--checkpoint", required=True,
+                        help="exported model directory, runs:/<run_id>/model, or experiment:NAME (its latest run)")
     parser.add_argument("--data", required=True, help="dataset directory (prepare or lra output)")
     parser.add_argument("--split", default=None, help="split of a task dataset (e.g. test)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -216,7 +217,8 @@ def _run_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("generate", help="continue a prompt with an exported causal LM "
                                    "(recurrent O(D d) state for feature attentions, KV cache for softmax)")
-    parser.add_argument("--checkpoint", required=True, help="exported model directory or runs:/<run_id>/model")
+    parser.add_argument("--checkpoint", required=True,
+                        help="exported model directory, runs:/<run_id>/model, or experiment:NAME (its latest run)")
     parser.add_argument("--tokenizer", required=True, help="tokenizer.model of the training dataset")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=64)

@@ -20,12 +20,30 @@ from pipelines.tokenizer import processor_from_bytes
 MODEL_CLASSES = {cls.__name__: cls for cls in (MacformerForCausalLM, MacformerForSequenceClassification)}
 
 
+def _latest_model_uri(experiment: str, tracking_uri: str) -> str:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = [] if found is None else client.search_runs(
+        [found.experiment_id], "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"])
+    runs = [run for run in runs if "attention" in run.data.params]  # training runs, not sweep parents
+    if not runs:
+        raise ConfigError(f"no finished training run in experiment {experiment!r} at {tracking_uri}; "
+                          "train one first or pass the model directory")
+    return f"runs:/{runs[0].info.run_id}/model"
+
+
 def load_exported(location: str, tracking_uri: str | None = None) -> PreTrainedMacformer:
+    """From a model directory, an MLflow artifact URI (runs:/<run_id>/model), or `experiment:NAME`
+    (the model of that experiment's latest finished training run)."""
+    uri = default_tracking_uri(tracking_uri)
+    if location.startswith("experiment:"):
+        location = _latest_model_uri(location.removeprefix("experiment:"), uri)
     if "://" in location or location.startswith("runs:/"):
         import mlflow
 
-        location = mlflow.artifacts.download_artifacts(artifact_uri=location,
-                                                       tracking_uri=default_tracking_uri(tracking_uri))
+        location = mlflow.artifacts.download_artifacts(artifact_uri=location, tracking_uri=uri)
     path = Path(location) / CONFIG_FILE
     if not path.is_file():
         raise ConfigError(f"{location} holds no exported model ({CONFIG_FILE} missing); pass the `model` "
