@@ -17,10 +17,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The whole path on one machine: tokenize the stdlib corpus with Ray Data, train a small RMFA LM with
-# 2 DeepSpeed workers under Ray Train (MLflow store: ./mlflow.db), then measure RMFA's approximation error.
+# 2 DeepSpeed workers under Ray Train (MLflow store: ./mlflow.db), print the comparison of the demo's
+# runs, then measure RMFA's approximation error.
 demo: $(STAMP)
 	$(BIN)/macformer prepare --input stdlib --output data/stdlib --seq-len 1024 --vocab-size 8000
-	$(BIN)/macformer train --config configs/demo.yaml
+	$(BIN)/macformer train --config configs/demo.yaml run_name=demo-$$(date +%Y%m%d-%H%M%S)
+	$(BIN)/macformer compare --experiment macformer-demo
 	$(BIN)/python -m benchmarks.approximation_error --kernels exp inverse log sqrt --dims 16 64 256 1024
 
 # pytest exits 5 when it collects nothing: a test run that tests nothing must not pass.

@@ -118,6 +118,8 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     parser.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto' or host:port)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: ./mlflow.db)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run with this run_name and storage_path from its latest checkpoint")
 
 
 def _run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -125,7 +127,7 @@ def _run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from launcher.train import train
 
     overrides = list(args.overrides) + ([f"tracking_uri={args.tracking_uri}"] if args.tracking_uri else [])
-    metrics = train(TrainConfig.load(args.config, overrides), args.ray_address)
+    metrics = train(TrainConfig.load(args.config, overrides), args.ray_address, resume=args.resume)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
     print(f"finished: {shown}")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,25 @@ SCHEDULES = ("constant", "cosine", "onecycle")
 
 class ConfigError(PipelineError):
     pass
+
+
+def yaml_value(value: Any) -> str:
+    """One value as YAML text for a key=value setting (inside a list, so no document-end marker)."""
+    return yaml.safe_dump([value], default_flow_style=True, width=10**9).strip()[1:-1]
+
+
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict[str, Any]": (dict,)}
+
+
+def _check_type(name: str, value: Any, annotation: str) -> None:
+    """Settings come from YAML: check each against its annotation ("int", "str | None", ...)."""
+    optional = annotation.endswith(" | None")
+    if value is None and optional:
+        return
+    expected = _TYPES[annotation.removesuffix(" | None")]
+    if not isinstance(value, expected) or (bool not in expected and isinstance(value, bool)):
+        kind = annotation.removesuffix(" | None") + (" or null" if optional else "")
+        raise ConfigError(f"setting {name}: expected {kind}, got {value!r} ({type(value).__name__})")
 
 
 @dataclass(frozen=True)
@@ -60,6 +80,12 @@ class TrainConfig:
     eval_split: str | None = None
 
     def __post_init__(self) -> None:
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if item.type.startswith("float") and isinstance(value, str):  # YAML reads 1e-3 as a string
+                with contextlib.suppress(ValueError):
+                    object.__setattr__(self, item.name, float(value))
+            _check_type(item.name, getattr(self, item.name), item.type)
         if self.task not in TASKS:
             raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.precision not in PRECISIONS:

@@ -8,9 +8,7 @@ import shlex
 import time
 import uuid
 
-import yaml
-
-from launcher.config import ConfigError, TrainConfig
+from launcher.config import ConfigError, TrainConfig, yaml_value
 from launcher.tracking import JOB_ID_ENV
 from launcher.train import check_ready
 
@@ -25,8 +23,7 @@ def job_entrypoint(config: TrainConfig) -> str:
     absolute (the job runs in an uploaded copy of this directory, where relative paths would point)."""
     config = config.with_absolute_paths()
     check_ready(config)
-    settings = [f"{key}={yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()}"
-                for key, value in dataclasses.asdict(config).items() if value is not None]
+    settings = [f"{key}={yaml_value(value)}" for key, value in dataclasses.asdict(config).items() if value is not None]
     return shlex.join(["python", "-m", "launcher.cli", "train", *settings])
 
 

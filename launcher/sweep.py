@@ -10,9 +10,9 @@ from typing import Any
 
 import yaml
 
-from launcher.config import ConfigError, TrainConfig
+from launcher.config import ConfigError, TrainConfig, yaml_value
 from launcher.tracking import ensure_experiment, git_commit
-from launcher.train import check_ready, fit
+from launcher.train import check_ready, check_resources, check_run_directory, fit
 from pipelines.ray_runtime import ray_session
 
 
@@ -39,8 +39,7 @@ class Sweep:
         values = [v if isinstance(v, list) else [v] for v in spec["grid"].values()]
         trials = []
         for index, combination in enumerate(itertools.product(*values)):
-            settings = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
-                        for k, v in zip(keys, combination, strict=True)]
+            settings = [f"{k}={yaml_value(v)}" for k, v in zip(keys, combination, strict=True)]
             trials.append(TrainConfig.load(spec.get("base"), [*common, *settings, f"run_name={name}-{index}"]))
         return cls(name, trials, int(spec.get("max_concurrent_trials", 1)))
 
@@ -59,6 +58,7 @@ def run_sweep(sweep: Sweep, ray_address: str | None = None) -> str:
     trials = [trial.with_absolute_paths() for trial in sweep.trials]
     for trial in trials:
         check_ready(trial)
+        check_run_directory(trial, resume=False)
     first = trials[0]
     ensure_experiment(first.tracking_uri, first.experiment)
     client = mlflow.MlflowClient(tracking_uri=first.tracking_uri)
@@ -69,6 +69,7 @@ def run_sweep(sweep: Sweep, ray_address: str | None = None) -> str:
         with ray_session(ray_address, log_to_driver=True, dashboard=True):
             from ray import tune
 
+            check_resources(first)
             tuner = tune.Tuner(
                 # The TorchTrainer inside reserves the CPUs/GPUs; the trial itself only needs a little memory.
                 tune.with_resources(_trial, {"cpu": 0, "memory": 256 * 2**20}),

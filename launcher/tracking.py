@@ -72,34 +72,60 @@ class Tracker:
             tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
             self.run = mlflow.start_run(run_name=run_name, tags=tags)
 
+        self.failed = False
+
     @property
     def run_id(self) -> str:
         return self.run.info.run_id
 
+    def _guard(self, action, *args, **kwargs) -> None:
+        """Training outlives the tracking server: the first failure is reported, later calls skipped."""
+        if self.failed:
+            return
+        try:
+            action(*args, **kwargs)
+        except Exception as error:  # MLflow raises many types for an unreachable or failing store
+            self.failed = True
+            print(f"MLflow logging stopped ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                  "training continues", flush=True)
+
     def log_params(self, params: dict[str, Any]) -> None:
-        existing = self.mlflow.get_run(self.run_id).data.params
-        self.mlflow.log_params({k: v for k, v in params.items() if k not in existing})
+        def log() -> None:
+            existing = self.mlflow.get_run(self.run_id).data.params
+            self.mlflow.log_params({k: v for k, v in params.items() if k not in existing})
+
+        self._guard(log)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self.mlflow.set_tags(tags)
+        self._guard(self.mlflow.set_tags, tags)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.mlflow.log_metrics(metrics, step=step)
+        self._guard(self.mlflow.log_metrics, metrics, step=step)
 
     def log_artifacts(self, directory: Path, path: str) -> None:
-        self.mlflow.log_artifacts(str(directory), artifact_path=path)
+        self._guard(self.mlflow.log_artifacts, str(directory), artifact_path=path)
 
     def log_dict(self, data: dict[str, Any], name: str) -> None:
-        self.mlflow.log_dict(data, name)
+        self._guard(self.mlflow.log_dict, data, name)
+
+    def log_figure(self, figure, name: str) -> None:
+        self._guard(self.mlflow.log_figure, figure, name)
+
+    def history(self, metric: str) -> list[tuple[int, float]]:
+        if self.failed:
+            return []
+        points = self.mlflow.MlflowClient().get_metric_history(self.run_id, metric)
+        return sorted((p.step, p.value) for p in points)
 
     def finish(self) -> None:
-        self.mlflow.end_run()
+        self._guard(self.mlflow.end_run)
 
 
 class NoTracker:
     """What ranks other than 0 use: every call does nothing."""
 
     run_id = None
+    failed = False
 
     def __getattr__(self, name: str):
         return lambda *args, **kwargs: None

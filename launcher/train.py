@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from launcher.config import ConfigError, TrainConfig
@@ -26,6 +27,30 @@ def check_ready(config: TrainConfig) -> None:
             raise ConfigError(f"MLflow tracking server {uri} is unreachable ({error}); start it or fix "
                               "--tracking-uri") from None
     ensure_experiment(uri, config.experiment)
+
+
+def check_run_directory(config: TrainConfig, resume: bool) -> None:
+    """A run directory is continued only on request: a new run never silently resumes an old one."""
+    if "://" in config.storage_path:
+        return  # object stores: Ray Train resumes whatever is there
+    exists = (Path(config.storage_path) / config.run_name).exists()
+    if exists and not resume:
+        raise ConfigError(f"run {config.run_name!r} already exists in {config.storage_path}; pass --resume to "
+                          "continue it or choose another run_name")
+    if resume and not exists:
+        raise ConfigError(f"nothing to resume: no run {config.run_name!r} in {config.storage_path}; check run_name "
+                          "and storage_path")
+
+
+def check_resources(config: TrainConfig) -> None:
+    """Ray Train would wait forever for workers the cluster cannot place."""
+    import ray
+
+    resource, need = ("GPU", config.num_workers) if config.use_gpu else ("CPU", config.num_workers)
+    have = ray.cluster_resources().get(resource, 0)
+    if have < need:
+        raise ConfigError(f"num_workers={config.num_workers} needs {need} {resource}s, the cluster has {have:g}; "
+                          "lower num_workers or add nodes")
 
 
 def fit(config: TrainConfig) -> dict[str, Any]:
@@ -55,9 +80,12 @@ def fit(config: TrainConfig) -> dict[str, Any]:
     return dict(trainer.fit().metrics or {})
 
 
-def train(config: TrainConfig, ray_address: str | None = None) -> dict[str, Any]:
-    """Run (or, with the same run_name and storage_path, resume) training; returns the last metrics."""
+def train(config: TrainConfig, ray_address: str | None = None, resume: bool = False) -> dict[str, Any]:
+    """Run training, or with resume=True continue the run of the same run_name and storage_path
+    from its latest checkpoint; returns the last metrics."""
     config = config.with_absolute_paths()
     check_ready(config)
+    check_run_directory(config, resume)
     with ray_session(ray_address, log_to_driver=True, dashboard=True):
+        check_resources(config)
         return fit(config)

@@ -130,6 +130,27 @@ def _export(engine, model_class, config: TrainConfig, rank: int, tracker) -> Non
                 tracker.log_artifacts(Path(directory), EXPORT_DIR)
 
 
+def _log_curves(tracker) -> None:
+    """Training and evaluation loss over steps, as a plot artifact of the run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for metric in ("train_loss", "eval_loss"):
+        points = tracker.history(metric)
+        if points:
+            axes.plot(*zip(*points, strict=True), label=metric, marker="." if metric == "eval_loss" else None)
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    tracker.log_figure(figure, "plots/loss.png")
+    plt.close(figure)
+
+
 def train_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point. loop_config: {"train": TrainConfig fields, "git_commit": ..., "ray_job_id": ...}."""
     config = TrainConfig(**loop_config["train"])
@@ -213,4 +234,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if step % config.checkpoint_every == 0 or step == config.max_steps:
             _save_checkpoint(engine, batches, step, tracker.run_id, {**metrics, "step": step}, rank)
     _export(engine, model_class, config, rank, tracker)
+    if rank == 0:
+        _log_curves(tracker)
     tracker.finish()

@@ -92,6 +92,7 @@ def test_lm_trains_with_zero2_bf16_and_is_tracked(tmp_path, lm_data, capsys) -> 
                  str(lm_data / "tokenizer.model"), "--prompt", "def ", "--max-new-tokens", "8",
                  "--tracking-uri", config.tracking_uri]) == 0
     assert capsys.readouterr().out.startswith("def ")
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/loss.png"]
     assert {a.path for a in client.list_artifacts(run.info.run_id, "config")} == {
         "config/train.json", "config/model.json", "config/deepspeed.json"}
 
@@ -158,6 +159,25 @@ def test_train_bad_input(tmp_path, lm_data, capsys) -> None:
     assert "not a prepared dataset" in capsys.readouterr().err
     assert main(["train", f"data={lm_data}", "--tracking-uri", "http://127.0.0.1:9"]) == 2
     assert "unreachable" in capsys.readouterr().err
+    assert main(["train", f"data={lm_data}", "learning_rate=fast"]) == 2
+    assert "setting learning_rate: expected float, got 'fast'" in capsys.readouterr().err
+    (tmp_path / "runs" / "taken").mkdir(parents=True)
+    for args, message in ((["run_name=taken"], "pass --resume"), (["run_name=new", "--resume"], "nothing to resume"),
+                          (["num_workers=64"], "needs 64 CPUs")):
+        overrides = [f"data={lm_data}", f"storage_path={tmp_path / 'runs'}", f"tracking_uri=sqlite:///{tmp_path}/m.db"]
+        assert main(["train", *overrides, *args]) == 2
+        assert message in capsys.readouterr().err, message
+
+
+def test_tracker_survives_a_failing_store(tmp_path, capsys) -> None:
+    from launcher.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'm.db'}", "outage", "run")
+    tracker.mlflow = type("Broken", (), {"log_metrics": lambda *a, **k: (_ for _ in ()).throw(OSError("gone"))})()
+    for step in range(3):
+        tracker.log_metrics({"loss": 1.0}, step)
+    assert capsys.readouterr().out.count("MLflow logging stopped") == 1 and tracker.failed
+    mlflow.end_run()
 
 
 def _free_port() -> int:
