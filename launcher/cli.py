@@ -6,8 +6,12 @@ import argparse
 import shlex
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from pipelines.errors import PipelineError
+
+if TYPE_CHECKING:  # the command line starts fast: heavy modules load only with their command
+    from launcher.config import TrainConfig
 
 
 def _add_prepare(subparsers: argparse._SubParsersAction) -> None:
@@ -107,27 +111,35 @@ def _run_lra(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+def _add_train_settings(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML experiment config (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. model.num_features=64 zero_stage=2")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: ./mlflow.db)")
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    from launcher.config import TrainConfig
+
+    overrides = list(args.overrides) + ([f"tracking_uri={args.tracking_uri}"] if args.tracking_uri else [])
+    return TrainConfig.load(args.config, overrides)
+
+
 def _add_train(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train", help="train with Ray Train + DeepSpeed, tracked in MLflow",
         description="Runs a Ray Train TorchTrainer; each worker wraps a Macformer model in a DeepSpeed engine and "
-                    "reads its share of the shards. Settings come from --config and key=value overrides "
-                    "(e.g. model.num_features=64 zero_stage=2). The same run_name and storage_path resume.",
+                    "reads its share of the shards. Settings come from --config and key=value overrides.",
     )
-    parser.add_argument("--config", help="YAML experiment config (configs/*.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    _add_train_settings(parser)
     parser.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto' or host:port)")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: ./mlflow.db)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run with this run_name and storage_path from its latest checkpoint")
 
 
 def _run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from launcher.config import TrainConfig
     from launcher.train import train
 
-    overrides = list(args.overrides) + ([f"tracking_uri={args.tracking_uri}"] if args.tracking_uri else [])
-    metrics = train(TrainConfig.load(args.config, overrides), args.ray_address, resume=args.resume)
+    metrics = train(_train_config(args), args.ray_address, resume=args.resume)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
     print(f"finished: {shown}")
     return 0
@@ -180,18 +192,14 @@ def _add_submit(subparsers: argparse._SubParsersAction) -> None:
                     "prints the job id and follows the logs. Equivalent to `ray job submit --working-dir . -- ...`.",
     )
     parser.add_argument("--address", default="http://127.0.0.1:8265", help="Ray dashboard / Jobs API address")
-    parser.add_argument("--config", help="YAML experiment config")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow URI the job logs to (default: ./mlflow.db)")
-    parser.add_argument("--no-follow", action="store_true", help="return once the job is submitted and done")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    _add_train_settings(parser)
+    parser.add_argument("--no-follow", action="store_true", help="do not stream the job's logs (still waits for it)")
 
 
 def _run_submit(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from launcher.config import TrainConfig
     from launcher.submit import submit
 
-    overrides = list(args.overrides) + ([f"tracking_uri={args.tracking_uri}"] if args.tracking_uri else [])
-    job_id, status = submit(TrainConfig.load(args.config, overrides), args.address, follow=not args.no_follow)
+    job_id, status = submit(_train_config(args), args.address, follow=not args.no_follow)
     print(f"Ray job {job_id}: {status}")
     return 0 if status == "SUCCEEDED" else 1
 
