@@ -15,8 +15,13 @@ from pipelines.reader import ShardReader
 def check_ready(config: TrainConfig) -> None:
     """Fail on the driver, in one line, before any worker starts: data, model, splits, tracking URI."""
     config.model_config()  # validates the manifest and the model settings
-    for split in {config.train_split, config.eval_split}:
-        ShardReader(config.data, split=split, verify=False)
+    for role, split in (("training", config.train_split), ("evaluation", config.eval_split)):
+        # Every rank needs at least one full micro-batch of its share, the smallest being the last rank's.
+        share = len(ShardReader(config.data, config.num_workers - 1, config.num_workers, split=split, verify=False))
+        if share < config.micro_batch_size:
+            raise ConfigError(f"the {role} data ({split or 'all'}) gives each of {config.num_workers} workers "
+                              f"{share} samples, fewer than micro_batch_size={config.micro_batch_size}; use more "
+                              "data, fewer workers or a smaller micro_batch_size")
     uri = config.resolved_tracking_uri()
     if uri.startswith(("http://", "https://")):
         import urllib.request

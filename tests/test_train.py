@@ -163,7 +163,7 @@ def test_train_bad_input(tmp_path, lm_data, capsys) -> None:
     assert "setting learning_rate: expected float, got 'fast'" in capsys.readouterr().err
     (tmp_path / "runs" / "taken").mkdir(parents=True)
     for args, message in ((["run_name=taken"], "pass --resume"), (["run_name=new", "--resume"], "nothing to resume"),
-                          (["num_workers=64"], "needs 64 CPUs")):
+                          (["num_workers=8"], "needs 8 CPUs"), (["micro_batch_size=4096"], "fewer than micro_batch")):
         overrides = [f"data={lm_data}", f"storage_path={tmp_path / 'runs'}", f"tracking_uri=sqlite:///{tmp_path}/m.db"]
         assert main(["train", *overrides, *args]) == 2
         assert message in capsys.readouterr().err, message
