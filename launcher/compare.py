@@ -32,6 +32,7 @@ def collect(experiment: str, tracking_uri: str) -> list[dict[str, Any]]:
         speed, error = _history(client, run_id, "tokens_per_s"), _history(client, run_id, "attention_approx_error")
         rows.append({
             "run": run.info.run_name, "status": run.info.status, "attention": params["attention"],
+            "variant": params.get("variant", params["attention"]),
             "kernel": params.get("kernel", ""), "num_features": int(params.get("num_features", 0)),
             "ppsbn": params.get("ppsbn", ""), "steps": len(_history(client, run_id, "train_loss")),
             "best_accuracy": max(accuracy) if accuracy else None,
@@ -50,7 +51,7 @@ def _cell(value: Any) -> str:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    columns = ["run", "attention", "kernel", "num_features", "ppsbn", "steps", "best_accuracy", "best_perplexity",
+    columns = ["run", "variant", "num_features", "ppsbn", "steps", "best_accuracy", "best_perplexity",
                "tokens_per_s", "approx_error", "status"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
@@ -58,7 +59,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], directory: Path) -> list[Path]:
-    """Quality vs throughput per kernel, and quality vs D per kernel, as PNG files."""
+    """Quality vs throughput and quality vs D per attention variant, as PNG files."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,9 +69,7 @@ def plot(rows: list[dict[str, Any]], directory: Path) -> list[Path]:
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         if row[metric] is not None:
-            kernel_based = row["attention"] in ("rmfa", "kernel")
-            label = f"{row['attention']}-{row['kernel']}" if kernel_based else row["attention"]
-            groups.setdefault(label, []).append(row)
+            groups.setdefault(row["variant"], []).append(row)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, x_key, x_label in (("quality_vs_throughput.png", "tokens_per_s", "tokens/s"),

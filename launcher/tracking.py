@@ -32,7 +32,9 @@ def run_params(config: dict[str, Any], model: MacformerConfig, world_size: int, 
     """The parameters that identify a run in comparisons."""
     kernel = model.kernel if isinstance(model.kernel, str) else "custom"
     return {
-        "attention": model.attention, "kernel": kernel, "num_features": model.num_features, "p": model.p,
+        "attention": model.attention, "variant": model.variant(), "kernel": kernel,
+        "component": model.component or "", "weights": model.weights or "", "num_features": model.num_features,
+        "p": model.p,
         "ppsbn": model.ppsbn, "d_model": model.d_model, "num_layers": model.num_layers,
         "num_heads": model.num_heads, "d_ff": model.d_ff, "seq_len": model.max_seq_len,
         "world_size": world_size, "zero_stage": config["zero_stage"], "precision": config["precision"],

@@ -7,11 +7,14 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from macformer.features.samplers import SAMPLERS
+from macformer.features.spectral import COMPONENTS, LEARNED_WEIGHTS, WEIGHTS, gerf_parameters
 from macformer.kernels import KERNELS, get_kernel
 
-ATTENTIONS = ("softmax", "rmfa", "rfa", "favor", "kernel")
-FEATURE_ATTENTIONS = ("rmfa", "rfa", "favor")
+ATTENTIONS = ("softmax", "rmfa", "rfa", "favor", "random_features", "kernel")
+FEATURE_ATTENTIONS = ("rmfa", "rfa", "favor", "random_features")
+# Spectraformer's (component, weights) pairs: rfa and favor are names for two of them.
+SPECTRAL_ATTENTIONS = {"rfa": ("trigrf", "gaussian"), "favor": ("posrf", "orthogonal"),
+                       "random_features": ("posrf", "orthogonal")}
 POOLINGS = ("mean", "cls")
 # Bound on |q . k| under ppSBN for kernels with an infinite radius (exp, trigh): large enough for
 # sharp attention (weights up to e^4 apart), small enough to keep the feature variance moderate.
@@ -31,9 +34,15 @@ def _positive_int(name: str, value: Any) -> None:
 class MacformerConfig:
     """Model configuration. Every field is checked at construction; errors name the field and the fix.
 
-    attention: "softmax" (SDPA), "rmfa" (random Maclaurin features of `kernel`), "rfa" (random
-    Fourier features, optional recency gate), "favor" (FAVOR+ positive features) or "kernel" (exact
-    quadratic kernelized attention with `kernel`, the ground truth for rmfa).
+    attention: "softmax" (SDPA), "rmfa" (random Maclaurin features of `kernel`), "random_features"
+    (Spectraformer's `component` x `weights` pair estimating softmax attention), "rfa" (the pair
+    trigrf x gaussian on l2-normalised q, k, optional recency gate), "favor" (posrf x orthogonal) or
+    "kernel" (exact quadratic kernelized attention with `kernel`, the ground truth for rmfa).
+    component / weights: see macformer.features.spectral (default: the attention's pair; rfa and
+    favor accept other `weights`). gerf_a, gerf_sign: component "gerf"'s free parameters; oprf_rho:
+    OPRF's expected |q + k|^2 / head_dim (None: 2 / sqrt(head_dim)).
+    feature_redraw_interval: redraw random features every this many training forward passes
+    (None: never; 1: every call); learned weights (fastfood_learned) are never redrawn.
     kernel: a name in macformer.kernels.KERNELS or a list of non-negative Maclaurin coefficients.
     num_features: D, features per head. p: degree distribution of RMFA (> 1).
     constant_feature / linear_features: RMFA computes the degree-0 term (and the degree-1 term, with
@@ -66,7 +75,11 @@ class MacformerConfig:
     ppsbn_max_temperature: float | None = None
     rfa_gate: bool = False
     rfa_learned_sigma: bool = False
-    favor_sampler: str = "orthogonal"
+    component: str | None = None
+    weights: str | None = None
+    gerf_a: float = 0.0
+    gerf_sign: int = 1
+    oprf_rho: float | None = None
     causal: bool = False
     chunk_size: int = 64
     pooling: str = "mean"
@@ -105,10 +118,7 @@ class MacformerConfig:
             if self.num_features <= self.head_dim + 1:
                 _fail("num_features", self.num_features, f"more than head_dim + 1 = {self.head_dim + 1} with "
                       "linear_features=True (or set linear_features=False)")
-        if self.attention == "rfa" and self.num_features % 2:
-            _fail("num_features", self.num_features, "an even number for rfa (sin/cos pairs)")
-        if self.favor_sampler not in SAMPLERS:
-            _fail("favor_sampler", self.favor_sampler, f"one of {', '.join(SAMPLERS)}")
+        self._check_spectral_pair()
         if self.rfa_gate and (self.attention != "rfa" or not self.causal):
             _fail("rfa_gate", self.rfa_gate, "False unless attention='rfa' and causal=True (a recency gate)")
         if self.rfa_learned_sigma and self.attention != "rfa":
@@ -128,9 +138,49 @@ class MacformerConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             _fail("seed", self.seed, "an integer")
 
+    def _check_spectral_pair(self) -> None:
+        if self.attention not in SPECTRAL_ATTENTIONS:
+            for name in ("component", "weights"):
+                if getattr(self, name) is not None:
+                    _fail(name, getattr(self, name), "None unless attention is rfa, favor or random_features")
+            return
+        component, weights = SPECTRAL_ATTENTIONS[self.attention]
+        if self.component is None:
+            object.__setattr__(self, "component", component)
+        if self.weights is None:
+            object.__setattr__(self, "weights", weights)
+        if self.component not in COMPONENTS:
+            _fail("component", self.component, f"one of {', '.join(COMPONENTS)}")
+        if self.attention != "random_features" and self.component != component:
+            _fail("component", self.component, f"{component!r} for attention={self.attention!r} "
+                  "(use attention='random_features' for other pairs)")
+        if self.weights not in WEIGHTS:
+            _fail("weights", self.weights, f"one of {', '.join(WEIGHTS)}")
+        try:
+            sign, _ = gerf_parameters(self.component, self.head_dim, self.gerf_a, self.gerf_sign, self.oprf_rho)
+        except ValueError as error:
+            raise ValueError(f"MacformerConfig: {error}") from None
+        if sign < 0 and self.num_features % 2:
+            _fail("num_features", self.num_features, f"an even number for component {self.component!r} (cos/sin pairs)")
+        rows = self.num_features // 2 if sign < 0 else self.num_features
+        if self.weights == "moment_matched" and rows <= self.head_dim:
+            _fail("num_features", self.num_features, f"more than {self.head_dim} weight rows for moment-matched "
+                  "weights (identity covariance needs more rows than head_dim)")
+        if self.weights in LEARNED_WEIGHTS and self.feature_redraw_interval is not None:
+            _fail("feature_redraw_interval", self.feature_redraw_interval,
+                  f"None with weights={self.weights!r} (learned weights are trained, not redrawn)")
+
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
+
+    def variant(self) -> str:
+        """A short name of the attention mechanism: 'rmfa-exp', 'random_features-oprf-qmc', 'softmax'."""
+        if self.attention in ("rmfa", "kernel"):
+            return f"{self.attention}-{self.kernel if isinstance(self.kernel, str) else 'custom'}"
+        if self.attention in SPECTRAL_ATTENTIONS:
+            return f"{self.attention}-{self.component}-{self.weights}"
+        return self.attention
 
     def resolved_max_temperature(self) -> float:
         if self.ppsbn_max_temperature is not None:

@@ -10,7 +10,7 @@ from torch import nn
 
 from macformer.attention import causal_feature_attention, feature_attention, kernel_attention, softmax_attention
 from macformer.config import FEATURE_ATTENTIONS, MacformerConfig
-from macformer.features import FeatureMap, PositiveRandomFeatures, RandomFourierFeatures, RandomMaclaurinFeatures
+from macformer.features import FeatureMap, RandomMaclaurinFeatures, SpectralFeatures
 from macformer.ppsbn import PostSBN, PreSBN
 
 
@@ -32,12 +32,11 @@ def build_feature_map(config: MacformerConfig, seed: int) -> FeatureMap:
             constant_feature=config.constant_feature, linear_features=config.linear_features,
             max_degree=config.max_degree, **common,
         )
-    if config.attention == "rfa":
-        return RandomFourierFeatures(
-            config.head_dim, config.num_features, learned_sigma=config.rfa_learned_sigma,
-            num_heads=config.num_heads, **common,
-        )
-    return PositiveRandomFeatures(config.head_dim, config.num_features, sampler=config.favor_sampler, **common)
+    return SpectralFeatures(
+        config.head_dim, config.num_features, component=config.component, weights=config.weights,
+        learned_sigma=config.rfa_learned_sigma, num_heads=config.num_heads, gerf_a=config.gerf_a,
+        gerf_sign=config.gerf_sign, oprf_rho=config.oprf_rho, **common,
+    )
 
 
 class MacformerAttention(nn.Module):
@@ -78,14 +77,14 @@ class MacformerAttention(nn.Module):
     @torch.no_grad()
     def approximation_error(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> float:
         """Relative Frobenius error of this layer's random-feature attention against the exact
-        attention it estimates (kernel attention of `kernel` for rmfa, of exp for rfa and favor),
-        on the same q, k, v. 0 for exact mechanisms."""
+        attention it estimates (kernel attention of `kernel` for rmfa, of exp(sigma^2 q . k) for the
+        spectral maps), on the same q, k, v. 0 for exact mechanisms."""
         if self.feature_map is None:
             return 0.0
         q, k, v = (t.float() for t in self._project(x))
         approx = feature_attention(q, k, v, self.feature_map, self.config.causal, key_padding_mask)
         kernel = self.config.kernel if self.config.attention == "rmfa" else "exp"
-        if self.config.attention == "rfa":  # for equal-norm q, k the Gaussian kernel is exp(sigma^2 q.k) / const
+        if isinstance(self.feature_map, SpectralFeatures):
             sigma = self.feature_map.bandwidth().float()
             q, k = q * sigma, k * sigma
         exact = kernel_attention(q, k, v, kernel, self.config.causal, key_padding_mask)

@@ -15,7 +15,7 @@ from macformer.attention import (
     recurrent_step,
     softmax_attention,
 )
-from macformer.features import PositiveRandomFeatures, RandomFourierFeatures, RandomMaclaurinFeatures
+from macformer.features import RandomMaclaurinFeatures, SpectralFeatures
 
 B, H, D_HEAD = 2, 3, 16
 
@@ -42,8 +42,8 @@ def _reference(q, k, v, feature_map, causal, padding=None, gate=None):
 
 MAPS = {
     "rmfa": lambda: RandomMaclaurinFeatures(D_HEAD, 64, seed=0),
-    "rfa": lambda: RandomFourierFeatures(D_HEAD, 64, seed=0),
-    "favor": lambda: PositiveRandomFeatures(D_HEAD, 64, seed=0),
+    "rfa": lambda: SpectralFeatures(D_HEAD, 64, "trigrf", "gaussian", seed=0),
+    "favor": lambda: SpectralFeatures(D_HEAD, 64, "posrf", "orthogonal", seed=0),
 }
 
 
@@ -131,7 +131,7 @@ def test_exp_kernel_with_matching_scaling_is_softmax() -> None:
     small_q, small_k = q * 0.3 * scale, k * 0.3 * scale
     target = softmax_attention(small_q, small_k, v, False, padding, scale=1.0)
     for feature_map in (RandomMaclaurinFeatures(D_HEAD, 4096, "exp", seed=0, constant_feature=True),
-                        PositiveRandomFeatures(D_HEAD, 4096, seed=0)):
+                        SpectralFeatures(D_HEAD, 4096, seed=0)):
         assert _relative_error(feature_attention(small_q, small_k, v, feature_map, False, padding), target) < 0.03
 
 
@@ -139,7 +139,7 @@ def test_fourier_attention_approximates_softmax_of_unit_vectors() -> None:
     q, k = (torch.nn.functional.normalize(torch.randn(B, H, 40, D_HEAD), dim=-1) for _ in range(2))
     v = torch.randn(B, H, 40, 8)
     target = softmax_attention(q, k, v, scale=1.0)
-    out = feature_attention(q, k, v, RandomFourierFeatures(D_HEAD, 8192, seed=0))
+    out = feature_attention(q, k, v, SpectralFeatures(D_HEAD, 8192, "trigrf", "gaussian", seed=0))
     assert _relative_error(out, target) < 0.05
 
 

@@ -4,13 +4,7 @@ import pytest
 import torch
 from conftest import unit_rows
 
-from macformer.features import (
-    SAMPLERS,
-    PositiveRandomFeatures,
-    RandomFourierFeatures,
-    RandomMaclaurinFeatures,
-    get_sampler,
-)
+from macformer.features import SAMPLERS, RandomMaclaurinFeatures, SpectralFeatures, get_sampler
 from macformer.features.samplers import hadamard
 from macformer.kernels import get_kernel
 
@@ -117,38 +111,6 @@ def test_projections_are_stacked_in_one_matrix() -> None:
     torch.testing.assert_close(mapped(x)[:, index], by_hand)
 
 
-def test_fourier_features_estimate_the_gaussian_kernel() -> None:
-    x, y = _pairs(norm=1.0)
-    sigma = 0.8
-    estimates = _estimates(lambda s: RandomFourierFeatures(DIM, 64, sigma=sigma, seed=s), x, y, 400)
-    _assert_unbiased(estimates, torch.exp(-(sigma**2) * (x - y).square().sum(-1) / 2))
-
-
-def test_fourier_learned_sigma_is_per_head_and_trainable() -> None:
-    mapped = RandomFourierFeatures(DIM, 32, learned_sigma=True, num_heads=3, sigma=0.5, seed=0)
-    x = torch.randn(2, 3, 5, DIM)
-    mapped(x).sum().backward()
-    assert mapped.log_sigma.shape == (3, 1, 1) and mapped.log_sigma.grad is not None
-    torch.testing.assert_close(mapped.bandwidth().flatten(), torch.full((3,), 0.5))
-
-
-@pytest.mark.parametrize("sampler", ["gaussian", "orthogonal", "qmc", "moment_matched"])
-def test_positive_features_estimate_exp(sampler: str) -> None:
-    x, y = _pairs(norm=0.8)
-    make = lambda s: PositiveRandomFeatures(DIM, 64, sampler=sampler, seed=s)
-    estimates = _estimates(make, x, y, 300)
-    assert torch.all(torch.stack([make(0)(x), make(1)(y)]) > 0)
-    _assert_unbiased(estimates, torch.exp((x * y).sum(-1)))
-
-
-def test_query_stabiliser_is_a_per_row_constant() -> None:
-    mapped = PositiveRandomFeatures(DIM, 32, seed=0)
-    x = torch.randn(4, DIM)
-    ratio = mapped(x, is_query=True) / mapped(x)
-    torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio))
-    assert mapped(x * 30, is_query=True).isfinite().all() and mapped(x * 30, is_query=True).amax(-1).gt(0).all()
-
-
 def test_orthogonal_sampler_statistics() -> None:
     weights = get_sampler("orthogonal")(40, DIM, torch.Generator().manual_seed(0))
     block = weights[:DIM]
@@ -180,15 +142,16 @@ def test_moment_matched_and_qmc_moments() -> None:
         get_sampler("moment_matched")(DIM, DIM, torch.Generator())
     with pytest.raises(ValueError, match="valid choices"):
         get_sampler("halton")
-    assert set(SAMPLERS) == {"gaussian", "orthogonal", "sorf", "qmc", "moment_matched"}
+    assert set(SAMPLERS) == {"gaussian", "orthogonal", "sorf", "qmc", "moment_matched", "fastfood"}
 
 
 @pytest.mark.parametrize(
     "make",
     [
         lambda: RandomMaclaurinFeatures(DIM, 64, seed=0),
-        lambda: RandomFourierFeatures(DIM, 64, seed=0),
-        lambda: PositiveRandomFeatures(DIM, 64, seed=0),
+        lambda: SpectralFeatures(DIM, 64, "trigrf", "gaussian", seed=0),
+        lambda: SpectralFeatures(DIM, 64, "posrf", "orthogonal", seed=0),
+        lambda: SpectralFeatures(DIM, 64, "oprf", "fastfood", seed=0),
     ],
 )
 def test_draws_are_buffers_redrawn_only_on_request(make) -> None:
@@ -221,7 +184,7 @@ def test_redraw_interval_counts_training_calls_only() -> None:
 
 
 def test_low_precision_cast_keeps_draws_in_fp32() -> None:
-    mapped = PositiveRandomFeatures(DIM, 32, seed=0)
+    mapped = SpectralFeatures(DIM, 32, seed=0)
     weights = mapped.weights.clone()
     mapped.bfloat16()
     assert mapped.weights.dtype == torch.float32 and torch.equal(mapped.weights, weights)
@@ -248,12 +211,3 @@ def test_bad_feature_arguments_raise(kwargs: dict, message: str) -> None:
     arguments = {"dim": DIM, "num_features": 16, **kwargs}
     with pytest.raises(ValueError, match=message):
         RandomMaclaurinFeatures(**arguments)
-
-
-def test_bad_fourier_and_favor_arguments_raise() -> None:
-    with pytest.raises(ValueError, match="must be even"):
-        RandomFourierFeatures(DIM, 15)
-    with pytest.raises(ValueError, match="num_heads"):
-        RandomFourierFeatures(DIM, 16, learned_sigma=True)
-    with pytest.raises(ValueError, match="valid choices"):
-        PositiveRandomFeatures(DIM, 16, sampler="sobol")

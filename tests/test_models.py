@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from macformer import MacformerConfig, MacformerForCausalLM, MacformerForSequenceClassification
-from macformer.config import ATTENTIONS
+from macformer.config import ATTENTIONS, FEATURE_ATTENTIONS
 
 VOCAB = 40
 
@@ -19,6 +19,8 @@ LM_VARIANTS = [
     ("softmax", {}), ("kernel", {}), ("kernel", {"kernel": "inverse"}), ("rmfa", {}),
     ("rmfa", {"kernel": "log"}), ("rmfa", {"kernel": "sqrt", "ppsbn": True}), ("rfa", {}),
     ("rfa", {"rfa_gate": True, "rfa_learned_sigma": True}), ("favor", {}), ("rmfa", {"ppsbn": False}),
+    ("random_features", {"component": "oprf", "weights": "fastfood_learned"}),
+    ("random_features", {"component": "gerf", "gerf_a": -0.1, "gerf_sign": -1, "weights": "qmc"}),
 ]
 
 
@@ -32,7 +34,7 @@ def test_incremental_decoding_matches_the_full_forward(attention: str, overrides
     for t in range(7, 19):
         pieces.append(model.lm_head(model.model(tokens[:, t:t + 1], caches=caches, position_offset=t)))
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
-    if attention in ("rmfa", "rfa", "favor"):  # constant-size recurrent state, no KV cache
+    if attention in FEATURE_ATTENTIONS:  # constant-size recurrent state, no KV cache
         assert all(c.keys is None and c.state.shape[-2:] == (48, 17) for c in caches)
 
 
@@ -130,7 +132,7 @@ def test_model_trains_finite_at_16k_tokens_in_bf16() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"attention": "linear"}, "attention: expected one of softmax, rmfa, rfa, favor, kernel"),
+        ({"attention": "linear"}, "attention: expected one of softmax, rmfa, rfa, favor, random_features, kernel"),
         ({"kernel": "gauss"}, "kernel: expected one of exp"),
         ({"kernel": [1.0, -1.0]}, "a_1 = -1.0"),
         ({"num_features": -8}, "num_features: expected a positive integer"),
@@ -144,7 +146,16 @@ def test_model_trains_finite_at_16k_tokens_in_bf16() -> None:
         ({"ppsbn_max_temperature": 1.5, "kernel": "log"}, "below the kernel's radius"),
         ({"pooling": "max"}, "pooling: expected one of mean, cls"),
         ({"num_classes": 1}, "at least 2"),
-        ({"favor_sampler": "sobol"}, "favor_sampler"),
+        ({"attention": "favor", "weights": "sobol"}, "weights: expected one of gaussian"),
+        ({"attention": "random_features", "component": "arccos"}, "component: expected one of trigrf"),
+        ({"attention": "favor", "component": "trigrf"}, "use attention='random_features'"),
+        ({"attention": "random_features", "component": "trigrf", "num_features": 33}, "even number"),
+        ({"attention": "random_features", "component": "gerf", "gerf_a": 0.2}, "gerf_a must be a finite number below"),
+        ({"attention": "random_features", "component": "oprf", "oprf_rho": -1.0}, "oprf_rho"),
+        ({"attention": "random_features", "weights": "fastfood_learned", "feature_redraw_interval": 5},
+         "feature_redraw_interval: expected None"),
+        ({"attention": "random_features", "weights": "moment_matched", "num_features": 16}, "moment-matched"),
+        ({"attention": "softmax", "component": "posrf"}, "component: expected None"),
         ({"chunk_size": 0}, "chunk_size"),
         ({"num_features": 32, "d_model": 64, "num_heads": 2}, "more than head_dim \\+ 1 = 33"),
         ({"constant_feature": False}, "linear_features"),
@@ -176,7 +187,8 @@ def test_models_reject_mismatched_configs_and_inputs() -> None:
 
 
 @pytest.mark.parametrize(("attention", "overrides"), [("rmfa", {}), ("rmfa", {"kernel": "inverse"}), ("favor", {}),
-                                                      ("rfa", {"rfa_learned_sigma": True}), ("softmax", {})])
+                                                      ("rfa", {"rfa_learned_sigma": True}), ("softmax", {}),
+                                                      ("random_features", {"component": "oprf", "weights": "qmc"})])
 def test_attention_approximation_error_falls_with_more_features(attention: str, overrides: dict) -> None:
     tokens = torch.randint(0, VOCAB, (2, 40))
     errors = []

@@ -73,7 +73,7 @@ def test_lm_trains_with_zero2_bf16_and_is_tracked(tmp_path, lm_data, capsys) -> 
     assert sum(list(losses.values())[-3:]) < sum(list(losses.values())[:3]) - 0.3
     client, run = _run(config)
     params = run.data.params
-    assert (params["attention"], params["kernel"], params["num_features"]) == ("rmfa", "exp", "48")
+    assert (params["variant"], params["kernel"], params["num_features"]) == ("rmfa-exp", "exp", "48")
     assert (params["zero_stage"], params["precision"], params["world_size"]) == ("2", "bf16", "2")
     assert params["dataset_fingerprint"] and run.data.tags["git_commit"]
     assert 0 < run.data.metrics["attention_approx_error"] < 1
@@ -259,5 +259,5 @@ def test_sweep_makes_child_runs_and_compare_prints_them(tmp_path, lm_data, capsy
     assert main(["compare", "--experiment", "sweep", "--tracking-uri", base.tracking_uri,
                  "--plots", str(tmp_path / "plots")]) == 0
     table = capsys.readouterr().out
-    assert "| two-0 | rmfa | exp | 40 |" in table and "| two-1 | rmfa | exp | 80 |" in table
+    assert "| two-0 | rmfa-exp | 40 |" in table and "| two-1 | rmfa-exp | 80 |" in table
     assert (tmp_path / "plots" / "quality_vs_features.png").stat().st_size > 0

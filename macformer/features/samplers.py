@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["SAMPLERS", "get_sampler", "hadamard"]
+__all__ = ["SAMPLERS", "fastfood_matrix", "get_sampler", "hadamard", "padded_size"]
 
 Sampler = Callable[[int, int, torch.Generator], torch.Tensor]
 
@@ -49,6 +49,11 @@ def hadamard(size: int) -> torch.Tensor:
     return matrix / size**0.5
 
 
+def padded_size(dim: int) -> int:
+    """The Hadamard size structured samplers work in: dim rounded up to a power of two."""
+    return 1 << (dim - 1).bit_length()
+
+
 def structured_orthogonal(num_rows: int, dim: int, generator: torch.Generator) -> torch.Tensor:
     """SORF: blocks sqrt(n) * H D1 H D2 H D3 with H the *normalised* Hadamard matrix and D_i random
     sign diagonals (n = dim rounded up to a power of two; the first `dim` columns are kept).
@@ -57,7 +62,7 @@ def structured_orthogonal(num_rows: int, dim: int, generator: torch.Generator) -
     norms of dim on average, as for a Gaussian row. Without the 1/sqrt(n) in each H the norms
     would be n^1.5 times too large.
     """
-    size = 1 << (dim - 1).bit_length()
+    size = padded_size(dim)
     h = hadamard(size)
     blocks = []
     for _ in range(-(-num_rows // size)):
@@ -67,6 +72,41 @@ def structured_orthogonal(num_rows: int, dim: int, generator: torch.Generator) -
             block = block @ h * diagonal  # (block @ H) D_i
         blocks.append(block * size**0.5)
     return torch.cat(blocks)[:num_rows, :dim]
+
+
+def fastfood_matrix(
+    scales: torch.Tensor, gaussians: torch.Tensor, signs: torch.Tensor, permutations: torch.Tensor, dim: int
+) -> torch.Tensor:
+    """FastFood blocks sqrt(n) diag(S) H diag(G) P H diag(B) (Le et al. 2013) with H the normalised
+    Hadamard matrix; all inputs are [blocks, n]. Returns the stacked blocks' first `dim` columns.
+
+    Row i of a block has norm |S_i| |G|: with S_i = chi(n) / |G| rows have the norms of Gaussian
+    rows, as the FastFood paper prescribes. Differentiable in S, G and B (FastFoodL learns them).
+    """
+    size = scales.shape[-1]
+    h = hadamard(size).to(scales)
+    mixed = h * signs[:, None, :]  # H diag(B), one per block: [blocks, n, n]
+    mixed = torch.take_along_dim(mixed, permutations[:, :, None], dim=1)  # P H diag(B): rows permuted
+    blocks = size**0.5 * scales[:, :, None] * (h @ (gaussians[:, :, None] * mixed))
+    return blocks.reshape(-1, size)[:, :dim]
+
+
+def fastfood_parameters(num_rows: int, dim: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Random (S, G, B, P) for `fastfood_matrix`, enough blocks of size n = padded_size(dim) for num_rows."""
+    size = padded_size(dim)
+    blocks = -(-num_rows // size)
+    signs = torch.randint(0, 2, (blocks, size), generator=generator) * 2.0 - 1.0
+    gaussians = torch.randn(blocks, size, generator=generator)
+    permutations = torch.stack([torch.randperm(size, generator=generator) for _ in range(blocks)])
+    # chi(n) norms: the n-dimensional row is Gaussian-like, so its first dim coordinates are too.
+    scales = _chi_norms(blocks * size, size, generator).view(blocks, size) / gaussians.norm(dim=-1, keepdim=True)
+    return scales, gaussians, signs, permutations
+
+
+def fastfood(num_rows: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+    """FastFood: random S, G, B and permutation P (see `fastfood_matrix`); O(n log n) to apply with a
+    fast Hadamard transform, though here the [num_rows, dim] matrix is formed once per draw."""
+    return fastfood_matrix(*fastfood_parameters(num_rows, dim, generator), dim)[:num_rows]
 
 
 def quasi_monte_carlo(num_rows: int, dim: int, generator: torch.Generator) -> torch.Tensor:
@@ -98,6 +138,7 @@ SAMPLERS: dict[str, Sampler] = {
     "sorf": structured_orthogonal,
     "qmc": quasi_monte_carlo,
     "moment_matched": moment_matched,
+    "fastfood": fastfood,
 }
 
 
