@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 # 2 DeepSpeed workers under Ray Train (MLflow store: ./mlflow.db), print the comparison of the demo's
 # runs, then measure RMFA's approximation error.
 demo: $(STAMP)
-	$(BIN)/macformer prepare --input stdlib --output data/stdlib --seq-len 1024 --vocab-size 8000
+	$(BIN)/macformer prepare --input stdlib --output data/stdlib --seq-len 1024 --vocab-size 8000 --valid-fraction 0.05
 	$(BIN)/macformer train --config configs/demo.yaml run_name=demo-$$(date +%Y%m%d-%H%M%S)
 	$(BIN)/macformer compare --experiment macformer-demo
 	$(BIN)/python -m benchmarks.approximation_error --kernels exp inverse log sqrt --dims 16 64 256 1024

@@ -37,6 +37,8 @@ def _add_prepare(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="documents per tokenizer call")
     parser.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto' or host:port)")
     parser.add_argument("--stdlib-limit", type=int, default=None, help="use only the first N stdlib files")
+    parser.add_argument("--valid-fraction", type=float, default=0.0,
+                        help="hold out this fraction of documents as split 'valid' (the rest is 'train')")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
 
 
@@ -49,7 +51,7 @@ def _run_prepare(args: argparse.Namespace, argv: Sequence[str]) -> int:
         tokenizer=args.tokenizer, tokenizer_type=args.tokenizer_type, tokenizer_sample_mb=args.tokenizer_sample_mb,
         shard_format=args.shard_format, shard_size_mb=args.shard_size_mb, text_column=args.text_column,
         num_workers=args.num_workers, batch_size=args.batch_size, ray_address=args.ray_address,
-        stdlib_limit=args.stdlib_limit, overwrite=args.overwrite,
+        stdlib_limit=args.stdlib_limit, valid_fraction=args.valid_fraction, overwrite=args.overwrite,
         command=shlex.join(["macformer", *argv]),
     )
     prepare(config)

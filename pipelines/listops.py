@@ -41,6 +41,17 @@ class ListOpsSpec:
     min_length: int = 500
     max_length: int = 2000
 
+    def __post_init__(self) -> None:
+        for name in ("max_depth", "max_args", "min_length", "max_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ListOps {name} must be a positive integer, got {value!r}")
+        if self.max_args < 2:
+            raise ValueError(f"ListOps max_args must be at least 2 (operators take 2 or more), got {self.max_args}")
+        if self.min_length > self.max_length:
+            raise ValueError(f"ListOps min_length={self.min_length} exceeds max_length={self.max_length}; "
+                             "lower --min-length or raise --max-length")
+
 
 def _tree(rng: random.Random, depth: int, spec: ListOpsSpec, out: list[str]) -> int:
     """Append one random subtree's tokens to `out`; return its value."""

@@ -48,6 +48,7 @@ class PrepareConfig:
     batch_size: int = 64
     ray_address: str | None = None
     stdlib_limit: int | None = None
+    valid_fraction: float = 0.0
     overwrite: bool = False
     command: str = field(default="", compare=False)
 
@@ -65,6 +66,8 @@ class PrepareConfig:
         for name in ("shard_size_mb", "tokenizer_sample_mb"):
             if getattr(self, name) <= 0:
                 raise PipelineError(f"--{name.replace('_', '-')} must be positive")
+        if not 0 <= self.valid_fraction < 1:
+            raise PipelineError(f"--valid-fraction must lie in [0, 1), got {self.valid_fraction}")
         if self.num_workers < 1 or self.batch_size < 1:
             raise PipelineError("--num-workers and --batch-size must be at least 1")
 
@@ -167,33 +170,48 @@ def _run(config: PrepareConfig, files: list[InputFile], tokenizer_model: bytes |
         # Fractional CPUs: the read tasks need a CPU too, and a pool holding all of them deadlocks.
         num_cpus=0.5,
     )
-    packer = WindowPacker(config.seq_len)
-    writer = ShardWriter(staging, config.shard_format, int(config.shard_size_mb * (1 << 20)))
+    target_bytes = int(config.shard_size_mb * (1 << 20))
+    # Held-out documents (every `period`-th, in the deterministic input order) pack into their own
+    # windows, so no validation window shares text with a training window.
+    period = round(1 / config.valid_fraction) if config.valid_fraction else 0
+    splits = ("train", "valid") if period else (None,)
+    packers = {split: WindowPacker(config.seq_len) for split in splits}
+    writers = {split: ShardWriter(staging, config.shard_format, target_bytes, prefix=split or "shard")
+               for split in splits}
     documents = 0
     for batch in tokens.iter_batches(batch_format="pyarrow", batch_size=None):
         column = batch.column("input_ids").combine_chunks()
-        documents += len(column)
         lengths = np.diff(column.offsets.to_numpy())
-        packed = packer.add(column.values.to_numpy(), lengths)
-        if len(packed.windows):
-            writer.add(pa.table({"input_ids": _list_array(list(packed.windows)),
-                                 "document_starts": _list_array(packed.document_starts)}))
-    writer.flush()
+        held_out = (np.arange(documents, documents + len(column)) % period == period - 1) if period else None
+        documents += len(column)
+        for split in splits:
+            chosen = column if held_out is None else column.filter(pa.array(held_out if split == "valid" else ~held_out))
+            chosen_lengths = lengths if held_out is None else np.diff(chosen.offsets.to_numpy())
+            packed = packers[split].add(chosen.flatten().to_numpy(), chosen_lengths)
+            if len(packed.windows):
+                writers[split].add(pa.table({"input_ids": _list_array(list(packed.windows)),
+                                             "document_starts": _list_array(packed.document_starts)}))
+    for writer in writers.values():
+        writer.flush()
     if documents == 0:
         raise PipelineError("the corpus has no non-empty document; give inputs with text")
-    if not writer.entries:
-        raise PipelineError(f"the corpus has {packer.total_tokens} tokens, fewer than one window of "
-                            f"{config.seq_len + 1}; lower --seq-len or add data")
+    total_tokens = sum(p.total_tokens for p in packers.values())
+    for split, writer in writers.items():
+        if not writer.entries:
+            where = f"the {split} split" if split else "the corpus"
+            raise PipelineError(f"{where} has {packers[split].total_tokens} tokens, fewer than one window of "
+                                f"{config.seq_len + 1}; lower --seq-len or add data")
+    shards = [{**entry, "split": split} if split else entry for split, w in writers.items() for entry in w.entries]
     return {
         "kind": "causal_lm",
         "seq_len": config.seq_len,
         "format": config.shard_format,
         "documents": documents,
-        "total_tokens": packer.total_tokens,
-        "packed_tokens": packer.packed_tokens,
-        "dropped_tokens": packer.dropped_tokens,
-        "rows": sum(e["rows"] for e in writer.entries),
-        "shards": writer.entries,
+        "total_tokens": total_tokens,
+        "packed_tokens": sum(p.packed_tokens for p in packers.values()),
+        "dropped_tokens": sum(p.dropped_tokens for p in packers.values()),
+        "rows": sum(e["rows"] for e in shards),
+        "shards": shards,
         "inputs": [f.path for f in files],
         "tokenizer": {"path": TOKENIZER_FILE, "sha256": sha256_bytes(tokenizer_model),
                       "vocab_size": processor.get_piece_size(), "eos_id": processor.eos_id(),

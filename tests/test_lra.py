@@ -148,3 +148,13 @@ def test_lra_bad_input(tmp_path, capsys) -> None:
     assert "no CIFAR-10 training batches" in capsys.readouterr().err
     with pytest.raises(PipelineError, match="missing"):
         lra.retrieval_task(Path(tmp_path), 10)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"min_length": 500, "max_length": 256}, "min_length=500 exceeds max_length=256"),
+    ({"max_depth": 0}, "max_depth must be a positive integer"),
+    ({"max_args": 1}, "max_args must be at least 2"),
+])
+def test_impossible_listops_specs_are_refused_up_front(settings: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        listops.ListOpsSpec(**settings)

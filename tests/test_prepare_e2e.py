@@ -167,3 +167,20 @@ def test_unreachable_ray_address_fails_fast(tmp_path, capsys) -> None:
         ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}})
     assert "cannot reach Ray at 127.0.0.1:1" in message and not (tmp_path / "o").exists()
+
+
+def test_valid_fraction_holds_out_whole_documents(stdlib_dataset, tmp_path) -> None:
+    output, _, _ = stdlib_dataset
+    manifest = prepare(PrepareConfig(inputs=("stdlib",), output=str(tmp_path / "split"), seq_len=64,
+                                     tokenizer=str(output / "tokenizer.model"), vocab_size=None,
+                                     stdlib_limit=FILES, valid_fraction=0.25))
+    assert {s["split"] for s in manifest["shards"]} == {"train", "valid"}
+    processor = processor_from_bytes((output / "tokenizer.model").read_bytes())
+    texts = _documents(stdlib_files(FILES))
+    # Every 4th document (indices 3, 7, ...) is held out: each split's windows rebuild its own stream.
+    for split, chosen in (("valid", texts[3::4]), ("train", [t for i, t in enumerate(texts) if i % 4 != 3])):
+        windows = [s["input_ids"] for s in ShardReader(tmp_path / "split", shuffle=False, split=split).samples(0)]
+        rebuilt = np.concatenate([windows[0]] + [w[1:] for w in windows[1:]])
+        stream = _stream(processor, chosen)
+        np.testing.assert_array_equal(rebuilt, stream[: len(rebuilt)])
+    assert manifest["total_tokens"] == len(_stream(processor, texts))
