@@ -1,6 +1,6 @@
 """Approximation error of RMFA against exact kernelized attention (the Macformer paper's Figure 4a).
 
-For each kernel, number of random features D, ppSBN on/off and causal/non-causal: the relative
+For each sequence length, kernel, number of random features D, ppSBN on/off and causal/non-causal: the relative
 Frobenius error ||A_rmfa - A_exact||_F / ||A_exact||_F of the attention outputs, averaged over
 independent feature draws. Inputs are Gaussian q, k, v of shape [batch, heads, seq, head_dim].
 
@@ -10,6 +10,8 @@ Both have the same output size D. "ppSBN" feeds both paths preSBN'd q and k (cen
 l2-normalised, scaled by head_dim^-1/4, so |q.k| <= head_dim^-1/2); "plain" scales raw q and k
 by head_dim^-1/4 as standard attention does. Plain inputs reach |q.k| > 1, outside the radius of
 convergence of inverse, log and sqrt: those cells are reported as diverging instead of a number.
+RFA (trigrf x gaussian on l2-normalised q, k) and FAVOR+ (posrf x orthogonal on q, k scaled by
+head_dim^-1/4) are measured against the softmax attention they estimate, on the same raw q, k.
 
     python -m benchmarks.approximation_error --kernels exp inverse log sqrt --dims 16 64 256 1024
 """
@@ -17,16 +19,17 @@ convergence of inverse, log and sqrt: those cells are reported as diverging inst
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from macformer.attention import feature_attention, kernel_attention
-from macformer.features import RandomMaclaurinFeatures
+from benchmarks.common import add_common_arguments, check_positive, pyplot, write_results
+from macformer.attention import feature_attention, kernel_attention, softmax_attention
+from macformer.features import RandomMaclaurinFeatures, SpectralFeatures
 from macformer.kernels import KERNELS, get_kernel
 from macformer.ppsbn import PreSBN
 
@@ -50,81 +53,141 @@ ESTIMATORS = {
 }
 
 
-def mean_error(q, k, v, exact, causal: bool, kernel: str, num_features: int, seeds: int, options: dict) -> float:
-    errors = []
-    for seed in range(seeds):
-        feature_map = RandomMaclaurinFeatures(q.shape[-1], num_features, kernel, seed=seed, **options)
-        errors.append(relative_error(feature_attention(q, k, v, feature_map, causal), exact))
+def mean_error(make_map, q, k, v, exact, causal: bool, seeds: int) -> float:
+    errors = [relative_error(feature_attention(q, k, v, make_map(seed), causal), exact) for seed in range(seeds)]
     return sum(errors) / len(errors)
 
 
-def measure(args: argparse.Namespace) -> list[dict]:
+def rmfa_rows(args: argparse.Namespace, seq_len: int) -> list[dict]:
     rows = []
     for kernel_name in args.kernels:
         kernel = get_kernel(kernel_name)
         for ppsbn in (True, False):
-            q, k, v = make_inputs(args.seq_len, args.head_dim, args.heads, 0, ppsbn)
+            q, k, v = make_inputs(seq_len, args.head_dim, args.heads, 0, ppsbn)
             max_dot = (q @ k.transpose(-1, -2)).abs().max().item()
             for causal in (False, True):
                 exact = None if max_dot >= kernel.radius else kernel_attention(q, k, v, kernel_name, causal)
                 for estimator, options in ESTIMATORS.items():
-                    row = {"kernel": kernel_name, "ppsbn": ppsbn, "causal": causal, "estimator": estimator,
-                           "max_abs_qk": max_dot, "errors": {}}
+                    row = {"seq_len": seq_len, "method": f"rmfa-{kernel_name}", "inputs": "ppSBN" if ppsbn else "plain",
+                           "causal": causal, "estimator": estimator, "max_abs_qk": max_dot, "errors": {}}
                     if exact is None:
                         row["diverges"] = True
                     else:
                         for num_features in args.dims:
                             if num_features > args.head_dim + 1 or "linear_features" not in options:
-                                row["errors"][num_features] = mean_error(
-                                    q, k, v, exact, causal, kernel_name, num_features, args.seeds, options
-                                )
+                                make = lambda seed, d=num_features, o=options, f=kernel_name: RandomMaclaurinFeatures(
+                                    args.head_dim, d, f, seed=seed, **o)
+                                row["errors"][num_features] = mean_error(make, q, k, v, exact, causal, args.seeds)
                     rows.append(row)
     return rows
 
 
+def softmax_estimator_rows(args: argparse.Namespace, seq_len: int) -> list[dict]:
+    """RFA and FAVOR+ against softmax attention of the same raw q, k (RFA on l2-normalised q, k,
+    whose softmax it estimates)."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, args.heads, seq_len, args.head_dim, generator=generator) for _ in range(3))
+    scale = args.head_dim**-0.25
+    pre = PreSBN(args.heads, args.head_dim, max_temperature=2.0, learnable=False)
+    settings = [
+        ("rfa", "l2", "trigrf", "gaussian", F.normalize(q, dim=-1), F.normalize(k, dim=-1)),
+        ("favor", "d^-1/4", "posrf", "orthogonal", q * scale, k * scale),
+        ("favor", "ppSBN", "posrf", "orthogonal", pre(q), pre(k)),
+    ]
+    rows = []
+    for method, inputs, component, weights, q_in, k_in in settings:
+        for causal in (False, True):
+            exact = softmax_attention(q_in, k_in, v, causal, scale=1.0)
+            row = {"seq_len": seq_len, "method": method, "inputs": inputs,
+                   "causal": causal, "estimator": f"{component} x {weights}",
+                   "max_abs_qk": (q_in @ k_in.transpose(-1, -2)).abs().max().item(), "errors": {}}
+            for num_features in args.dims:
+                make = lambda seed, d=num_features, c=component, w=weights: SpectralFeatures(
+                    args.head_dim, d, c, w, seed=seed)
+                if weights != "moment_matched" or num_features > args.head_dim:
+                    row["errors"][num_features] = mean_error(make, q_in, k_in, v, exact, causal, args.seeds)
+            rows.append(row)
+    return rows
+
+
+def measure(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for seq_len in args.seq_lens:
+        rows += rmfa_rows(args, seq_len) + softmax_estimator_rows(args, seq_len)
+    return rows
+
+
 def format_table(rows: list[dict], dims: list[int]) -> str:
-    header = "| kernel | inputs | causal | features | max abs q.k | " + " | ".join(f"D={d}" for d in dims) + " |"
-    lines = [header, "|" + "---|" * (5 + len(dims))]
+    header = ("| seq | method | inputs | causal | features | max abs q.k | "
+              + " | ".join(f"D={d}" for d in dims) + " |")
+    lines = [header, "|" + "---|" * (6 + len(dims))]
     for row in rows:
         cells = (["diverges (outside radius)"] + [""] * (len(dims) - 1) if row.get("diverges")
                  else [f"{row['errors'][d]:.4f}" if d in row["errors"] else "n/a" for d in dims])
         lines.append(
-            f"| {row['kernel']} | {'ppSBN' if row['ppsbn'] else 'plain'} | {'yes' if row['causal'] else 'no'} "
+            f"| {row['seq_len']} | {row['method']} | {row['inputs']} | {'yes' if row['causal'] else 'no'} "
             f"| {row['estimator']} | {row['max_abs_qk']:.3f} | " + " | ".join(cells) + " |"
         )
     return "\n".join(lines)
 
 
+def plot(rows: list[dict], args: argparse.Namespace) -> Path:
+    """Error vs D on log-log axes, one panel per (causal, sequence length), with a 1/sqrt(D) line."""
+    plt = pyplot()
+    figure, axes = plt.subplots(2, len(args.seq_lens), figsize=(6 * len(args.seq_lens), 9), squeeze=False)
+    for column, seq_len in enumerate(args.seq_lens):
+        for line, causal in enumerate((False, True)):
+            ax = axes[line][column]
+            for row in rows:
+                if row["seq_len"] == seq_len and row["causal"] == causal and row["errors"]:
+                    dims = sorted(row["errors"])
+                    ax.plot(dims, [row["errors"][d] for d in dims], marker="o", markersize=3,
+                            label=f"{row['method']} {row['inputs']} {row['estimator']}")
+            reference = [1 / math.sqrt(d) for d in args.dims]
+            ax.plot(args.dims, reference, "k--", linewidth=1, label="1/sqrt(D)")
+            ax.set(xscale="log", yscale="log", xlabel="D (random features)", ylabel="relative error",
+                   title=f"n={seq_len} {'causal' if causal else 'non-causal'}")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6)
+    figure.tight_layout()
+    path = args.output / "approximation_error.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="macformer bench approximation_error",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--kernels", nargs="+", default=["exp", "inverse", "log", "sqrt"], choices=sorted(KERNELS))
-    parser.add_argument("--dims", nargs="+", type=int, default=[16, 32, 64, 128, 256, 512, 1024])
-    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--dims", nargs="+", type=int, default=[16, 32, 64, 128, 256, 512, 1024],
+                        help="numbers of random features D")
+    parser.add_argument("--seq-lens", nargs="+", type=int, default=[1024])
     parser.add_argument("--head-dim", type=int, default=32)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=5, help="independent feature draws averaged per cell")
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/out/approximation_error.json"))
+    add_common_arguments(parser, "approximation_error")
     args = parser.parse_args(argv)
-    for name in ("seq_len", "head_dim", "heads", "seeds"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
-    if any(d <= 0 for d in args.dims):
-        parser.error("--dims must all be positive (D is a number of random features)")
+    check_positive(parser, seq_lens=args.seq_lens, dims=args.dims, head_dim=args.head_dim, heads=args.heads,
+                   seeds=args.seeds)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.perf_counter()
     rows = measure(args)
     print(format_table(rows, args.dims))
-    print(f"\nseq_len={args.seq_len} head_dim={args.head_dim} heads={args.heads} seeds={args.seeds} "
-          f"({time.perf_counter() - start:.1f} s); 1/sqrt(D) predicts x{math.sqrt(args.dims[-1] / args.dims[0]):.1f} "
-          f"from D={args.dims[0]} to D={args.dims[-1]}")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
-    print(f"wrote {args.output}")
+    first, last = args.dims[0], args.dims[-1]
+    print(f"\nhead_dim={args.head_dim} heads={args.heads} seeds={args.seeds} ({time.perf_counter() - start:.1f} s); "
+          f"1/sqrt(D) predicts x{math.sqrt(last / first):.1f} from D={first} to D={last}")
+    summary = {f"{r['method']}_{r['inputs']}_{'causal' if r['causal'] else 'full'}_{r['estimator']}_n{r['seq_len']}_"
+               f"D{last}": r["errors"][last] for r in rows if last in r["errors"]}
+    falls = [r["errors"][first] / r["errors"][last] for r in rows if first in r["errors"] and last in r["errors"]]
+    if falls:
+        summary["median_error_ratio_first_to_last_D"] = sorted(falls)[len(falls) // 2]
+    args.output.mkdir(parents=True, exist_ok=True)
+    write_results(args, "approximation_error", rows, summary, [plot(rows, args)])
     return 0
 
 

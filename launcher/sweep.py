@@ -24,23 +24,29 @@ class Sweep:
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] = ()) -> Sweep:
-        """YAML with `base` (a train config), `grid` (setting -> list of values), optional
-        `overrides` (key=value for every trial), `name` and `max_concurrent_trials`."""
+        """YAML with `base` (a train config) and `grid` (setting -> list of values: every combination)
+        and/or `variants` (a list of setting -> value mappings: one trial set each, crossed with the
+        grid); optional `overrides` (key=value for every trial), `name` and `max_concurrent_trials`."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"sweep grid {path} not found; pass --grid configs/sweeps/<name>.yaml")
         spec = yaml.safe_load(path.read_text()) or {}
-        unknown = sorted(set(spec) - {"base", "grid", "overrides", "name", "max_concurrent_trials"})
-        if unknown or not isinstance(spec.get("grid"), dict) or not spec["grid"]:
-            raise ConfigError(f"sweep grid {path}: needs a non-empty `grid:` mapping (unknown keys: {unknown})")
+        unknown = sorted(set(spec) - {"base", "grid", "variants", "overrides", "name", "max_concurrent_trials"})
+        grid, variants = spec.get("grid", {}), spec.get("variants", [{}])
+        if (unknown or not isinstance(grid, dict) or not isinstance(variants, list)
+                or not all(isinstance(v, dict) for v in variants) or not (grid or spec.get("variants"))):
+            raise ConfigError(f"sweep grid {path}: needs a non-empty `grid:` mapping or `variants:` list of "
+                              f"mappings (unknown keys: {unknown})")
         name = spec.get("name", path.stem)
         common = list(spec.get("overrides", [])) + list(overrides)
-        keys = list(spec["grid"])
-        values = [v if isinstance(v, list) else [v] for v in spec["grid"].values()]
+        keys = list(grid)
+        values = [v if isinstance(v, list) else [v] for v in grid.values()]
         trials = []
-        for index, combination in enumerate(itertools.product(*values)):
-            settings = [f"{k}={yaml_value(v)}" for k, v in zip(keys, combination, strict=True)]
-            trials.append(TrainConfig.load(spec.get("base"), [*common, *settings, f"run_name={name}-{index}"]))
+        for variant in variants:
+            for combination in itertools.product(*values):
+                settings = [f"{k}={yaml_value(v)}" for k, v in [*variant.items(), *zip(keys, combination, strict=True)]]
+                trials.append(TrainConfig.load(spec.get("base"),
+                                               [*common, *settings, f"run_name={name}-{len(trials)}"]))
         return cls(name, trials, int(spec.get("max_concurrent_trials", 1)))
 
 
