@@ -30,9 +30,11 @@ def collect(experiment: str, tracking_uri: str) -> list[dict[str, Any]]:
         run_id = run.info.run_id
         accuracy, perplexity = _history(client, run_id, "eval_accuracy"), _history(client, run_id, "eval_perplexity")
         speed, error = _history(client, run_id, "tokens_per_s"), _history(client, run_id, "attention_approx_error")
+        memory = _history(client, run_id, "peak_memory_mb")
         rows.append({
             "run": run.info.run_name, "status": run.info.status, "attention": params["attention"],
             "variant": params.get("variant", params["attention"]),
+            "parent_run_id": run.data.tags.get("mlflow.parentRunId"), "seq_len": int(params.get("seq_len", 0)),
             "kernel": params.get("kernel", ""), "num_features": int(params.get("num_features", 0)),
             "ppsbn": params.get("ppsbn", ""), "steps": len(_history(client, run_id, "train_loss")),
             "best_accuracy": max(accuracy) if accuracy else None,
@@ -40,6 +42,7 @@ def collect(experiment: str, tracking_uri: str) -> list[dict[str, Any]]:
             # The first step includes warm-up (allocation, first all-reduce): leave it out of the mean.
             "tokens_per_s": sum(speed[1:]) / len(speed[1:]) if len(speed) > 1 else (speed[0] if speed else None),
             "approx_error": error[-1] if error else None,
+            "peak_memory_mb": max(memory) if memory else None,
         })
     return rows
 
@@ -52,7 +55,7 @@ def _cell(value: Any) -> str:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     columns = ["run", "variant", "num_features", "ppsbn", "steps", "best_accuracy", "best_perplexity",
-               "tokens_per_s", "approx_error", "status"]
+               "tokens_per_s", "peak_memory_mb", "approx_error", "status"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
     return "\n".join(lines)

@@ -40,7 +40,8 @@ class MacformerConfig:
     "kernel" (exact quadratic kernelized attention with `kernel`, the ground truth for rmfa).
     component / weights: see macformer.features.spectral (default: the attention's pair; rfa and
     favor accept other `weights`). gerf_a, gerf_sign: component "gerf"'s free parameters; oprf_rho:
-    OPRF's expected |q + k|^2 / head_dim (None: 2 / sqrt(head_dim)).
+    OPRF's expected |q + k|^2 / head_dim (None: 2t / head_dim under ppSBN with its initial temperature t,
+    else 2 / sqrt(head_dim) for unit-variance q, k scaled by head_dim^-1/4).
     feature_redraw_interval: redraw random features every this many training forward passes
     (None: never; 1: every call); learned weights (fastfood_learned) are never redrawn.
     kernel: a name in macformer.kernels.KERNELS or a list of non-negative Maclaurin coefficients.

@@ -24,7 +24,8 @@ class LayerCache:
     values: torch.Tensor | None = None
 
 
-def build_feature_map(config: MacformerConfig, seed: int) -> FeatureMap:
+def build_feature_map(config: MacformerConfig, seed: int, oprf_rho: float | None = None) -> FeatureMap:
+    """The layer's random feature map; `oprf_rho` overrides config.oprf_rho (the layer knows its scaling)."""
     common = {"seed": seed, "redraw_interval": config.feature_redraw_interval}
     if config.attention == "rmfa":
         return RandomMaclaurinFeatures(
@@ -35,7 +36,7 @@ def build_feature_map(config: MacformerConfig, seed: int) -> FeatureMap:
     return SpectralFeatures(
         config.head_dim, config.num_features, component=config.component, weights=config.weights,
         learned_sigma=config.rfa_learned_sigma, num_heads=config.num_heads, gerf_a=config.gerf_a,
-        gerf_sign=config.gerf_sign, oprf_rho=config.oprf_rho, **common,
+        gerf_sign=config.gerf_sign, oprf_rho=config.oprf_rho if oprf_rho is None else oprf_rho, **common,
     )
 
 
@@ -58,7 +59,10 @@ class MacformerAttention(nn.Module):
             self.post_sbn = PostSBN(config.d_model)
         self.feature_map = None
         if config.attention in FEATURE_ATTENTIONS:
-            self.feature_map = build_feature_map(config, seed=config.seed * 10_007 + layer_index)
+            rho = None
+            if config.oprf_rho is None and self.pre_sbn is not None:  # |q|^2 = |k|^2 = t: |q + k|^2 / d ~ 2t / d
+                rho = 2 * float(self.pre_sbn.temperature().mean()) / config.head_dim
+            self.feature_map = build_feature_map(config, seed=config.seed * 10_007 + layer_index, oprf_rho=rho)
         self.gate = nn.Linear(config.d_model, config.num_heads) if config.rfa_gate else None
 
     def _scale(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,136 @@
+"""Decoding: per-token latency and memory of a causal LM as the context grows.
+
+For each context length the prompt is prefilled once (the model's caches: RMFA's recurrent state
+S' [heads, D, d + 1] per layer; softmax's growing key/value cache), then `--new-tokens` tokens are
+decoded one at a time exactly as `MacformerForCausalLM.generate()` does, and the median time per
+token, the decoding state's size and the peak memory of the decoding steps are reported. The
+softmax KV cache is the baseline: ratios are KV-cache time / RMFA time at the same context.
+
+    python -m benchmarks.decoding --contexts 512 1024 2048 4096 8192 16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import PeakMemory, add_common_arguments, check_positive, format_table, pyplot, write_results
+from macformer import MacformerConfig, MacformerForCausalLM
+from macformer.layers import LayerCache
+
+
+def cache_bytes(caches: list[LayerCache]) -> int:
+    tensors = [t for c in caches for t in (c.state, c.keys, c.values) if t is not None]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@torch.no_grad()
+def decode(model: MacformerForCausalLM, context: int, new_tokens: int, device: torch.device) -> dict:
+    """Prefill `context` tokens, then time `new_tokens` single-token steps."""
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.config.vocab_size, (1, context), generator=generator).to(device)
+    caches = model.new_caches()
+    start = time.perf_counter()
+    token = model.lm_head(model.model(prompt, caches=caches))[:, -1].argmax(-1)
+    prefill = time.perf_counter() - start
+    times = []
+    with PeakMemory(device) as memory:
+        for position in range(context, context + new_tokens):
+            start = time.perf_counter()
+            logits = model.lm_head(model.model(token[:, None], caches=caches, position_offset=position))
+            token = logits[:, -1].argmax(-1)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+    return {"prefill_s": prefill, "ms_per_token": statistics.median(times[1:] or times) * 1e3,
+            "state_mib": cache_bytes(caches) / 2**20, "decode_peak_mib": memory.peak_mib}
+
+
+def build(attention: str, args: argparse.Namespace, device: torch.device) -> MacformerForCausalLM:
+    config = MacformerConfig(
+        vocab_size=args.vocab_size, d_model=args.d_model, num_layers=args.layers, num_heads=args.heads,
+        d_ff=4 * args.d_model, max_seq_len=max(args.contexts) + args.new_tokens, attention=attention,
+        num_features=args.num_features, causal=True, chunk_size=64,
+    )
+    torch.manual_seed(0)
+    return MacformerForCausalLM(config).to(device).eval()
+
+
+def measure(args: argparse.Namespace) -> list[dict]:
+    device = torch.device(args.device)
+    rows = []
+    for attention in ("softmax", "rmfa"):
+        model = build(attention, args, device)
+        for context in args.contexts:
+            row = {"attention": attention, "context": context, **decode(model, context, args.new_tokens, device)}
+            rows.append(row)
+            print(f"{attention} context {context}: {row['ms_per_token']:.2f} ms/token, state {row['state_mib']:.2f} "
+                  f"MiB, prefill {row['prefill_s']:.2f} s", flush=True)
+    baseline = {r["context"]: r for r in rows if r["attention"] == "softmax"}
+    for row in rows:
+        base = baseline[row["context"]]
+        row["speedup_vs_kv_cache"] = base["ms_per_token"] / row["ms_per_token"]
+        row["state_ratio_vs_kv_cache"] = base["state_mib"] / row["state_mib"]
+    return rows
+
+
+def plot(rows: list[dict], args: argparse.Namespace) -> Path:
+    plt = pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for attention in ("softmax", "rmfa"):
+        points = [r for r in rows if r["attention"] == attention]
+        label = "softmax + KV cache" if attention == "softmax" else f"RMFA recurrent state (D={args.num_features})"
+        axes[0].plot([r["context"] for r in points], [r["ms_per_token"] for r in points], marker="o", label=label)
+        axes[1].plot([r["context"] for r in points], [r["state_mib"] for r in points], marker="o", label=label)
+    axes[0].set(xscale="log", xlabel="context length", ylabel="ms per generated token")
+    axes[1].set(xscale="log", yscale="log", xlabel="context length", ylabel="decoding state (MiB)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    figure.tight_layout()
+    path = args.output / "decoding.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="macformer bench decoding", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--contexts", nargs="+", type=int, default=[512, 1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--num-features", type=int, default=128)
+    parser.add_argument("--vocab-size", type=int, default=8000)
+    add_common_arguments(parser, "decoding")
+    args = parser.parse_args(argv)
+    check_positive(parser, contexts=args.contexts, new_tokens=args.new_tokens, d_model=args.d_model, heads=args.heads,
+                   layers=args.layers, num_features=args.num_features, vocab_size=args.vocab_size)
+    if args.d_model % args.heads:
+        parser.error(f"--d-model {args.d_model} must be a multiple of --heads {args.heads}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rows = measure(args)
+    print(format_table(rows, ["attention", "context", "ms_per_token", "state_mib", "decode_peak_mib", "prefill_s",
+                              "speedup_vs_kv_cache", "state_ratio_vs_kv_cache"]))
+    rmfa = [r for r in rows if r["attention"] == "rmfa"]
+    summary = {f"speedup_vs_kv_cache_{r['context']}": r["speedup_vs_kv_cache"] for r in rmfa}
+    summary["rmfa_ms_per_token_longest_over_shortest"] = rmfa[-1]["ms_per_token"] / rmfa[0]["ms_per_token"]
+    for key, value in summary.items():
+        print(f"{key}: {value:.3g}")
+    args.output.mkdir(parents=True, exist_ok=True)
+    write_results(args, "decoding", rows, summary, [plot(rows, args)])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
