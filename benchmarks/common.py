@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -145,7 +146,9 @@ def log_to_mlflow(tracking_uri: str, experiment: str, name: str, config: dict[st
     with mlflow.start_run(run_name=f"bench-{name}"):
         mlflow.set_tag("benchmark", name)
         mlflow.log_params({k: str(v)[:250] for k, v in config.items() if k not in ("tracking_uri", "output")})
-        mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and v == v})
+        # MLflow metric names allow alphanumerics and _ - . space : / only.
+        mlflow.log_metrics({re.sub(r"[^\w\-. :/]", "_", k): float(v) for k, v in summary.items()
+                            if isinstance(v, (int, float)) and v == v})
         for file in files:
             mlflow.log_artifact(str(file))
     print(f"logged to MLflow experiment {experiment!r} at {tracking_uri}")

@@ -25,6 +25,7 @@ from launcher.compare import collect
 from launcher.config import TrainConfig
 from launcher.sweep import Sweep, run_sweep
 from launcher.tracking import default_tracking_uri
+from macformer.kernels import KERNELS
 from pipelines.prepare import PrepareConfig, prepare
 
 QUALITY_SWEEPS = ["configs/sweeps/quality_lm.yaml", "configs/sweeps/quality_listops.yaml"]
@@ -49,7 +50,7 @@ def throughput_trials(args: argparse.Namespace, corpora: dict[int, Path], name: 
     for seq_len in args.seq_lens:
         variants = [{"attention": "softmax"}, {"attention": "rmfa", "kernel": "exp"}]
         if seq_len == longest:
-            variants += [{"attention": "rmfa", "kernel": k} for k in ("inverse", "log", "trigh", "sqrt")]
+            variants += [{"attention": "rmfa", "kernel": k} for k in args.kernels if k != "exp"]
         for variant in variants:
             model = {"d_model": args.d_model, "num_layers": args.layers, "num_heads": args.heads,
                      "d_ff": 4 * args.d_model, "num_features": args.num_features, **variant}
@@ -154,6 +155,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="macformer bench training", description=__doc__.split("\n\n")[0])
     parser.add_argument("part", choices=["throughput", "quality"])
     parser.add_argument("--seq-lens", nargs="+", type=int, default=[1024, 2048, 4096, 8192])
+    parser.add_argument("--kernels", nargs="+", default=["inverse", "log", "trigh", "sqrt"], choices=sorted(KERNELS),
+                        help="throughput: RMFA kernels measured at the longest length (exp runs at every length)")
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per throughput run (first excluded)")
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--heads", type=int, default=2)

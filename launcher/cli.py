@@ -249,10 +249,26 @@ def _run_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
+BENCHMARKS = ("attention_speed", "approximation_error", "decoding", "training", "spectral_grid", "tokenization")
+
+
+def _add_bench(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("bench", help="run a benchmark of benchmarks/ (speed, memory, error, ...)",
+                                   description="Run `macformer bench NAME --help` for a benchmark's options.")
+    parser.add_argument("name", choices=BENCHMARKS)
+    parser.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own arguments")
+
+
+def _run_bench(args: argparse.Namespace, argv: list[str]) -> int:
+    import importlib
+
+    return importlib.import_module(f"benchmarks.{args.name}").main(args.options)
+
+
 COMMANDS = {"prepare": (_add_prepare, _run_prepare), "lra": (_add_lra, _run_lra), "train": (_add_train, _run_train),
             "compare": (_add_compare, _run_compare), "sweep": (_add_sweep, _run_sweep),
             "submit": (_add_submit, _run_submit), "eval": (_add_eval, _run_eval),
-            "generate": (_add_generate, _run_generate)}
+            "generate": (_add_generate, _run_generate), "bench": (_add_bench, _run_bench)}
 
 
 def build_parser() -> argparse.ArgumentParser:

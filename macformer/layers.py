@@ -61,7 +61,7 @@ class MacformerAttention(nn.Module):
         if config.attention in FEATURE_ATTENTIONS:
             rho = None
             if config.oprf_rho is None and self.pre_sbn is not None:  # |q|^2 = |k|^2 = t: |q + k|^2 / d ~ 2t / d
-                rho = 2 * float(self.pre_sbn.temperature().mean()) / config.head_dim
+                rho = 2 * float(self.pre_sbn.temperature().detach().mean()) / config.head_dim
             self.feature_map = build_feature_map(config, seed=config.seed * 10_007 + layer_index, oprf_rho=rho)
         self.gate = nn.Linear(config.d_model, config.num_heads) if config.rfa_gate else None
 

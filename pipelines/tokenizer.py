@@ -59,6 +59,10 @@ def train_tokenizer(
         )
     except RuntimeError as error:
         message = str(error).splitlines()[0]
+        if "smaller than required_chars" in message:  # "... required_chars. 300 vs 348."
+            needed = message.rsplit(" vs ", 1)[-1].split(".")[0]
+            raise PipelineError(f"--vocab-size {vocab_size} is smaller than this corpus's {needed} distinct "
+                                f"characters plus special pieces; raise --vocab-size to at least {needed}") from None
         if "Vocabulary size" in message or "vocab_size" in message:
             raise PipelineError(f"--vocab-size {vocab_size} is larger than this corpus supports ({message}); "
                                 "lower --vocab-size or add data") from None

@@ -1,0 +1,120 @@
+"""Every benchmark runs at a tiny size and writes what it promises; the measuring helpers are right.
+
+No timing is asserted here (the machine is noisy): the benchmarks report ratios, the tests check
+that the numbers exist, are consistent, and that the helpers measure what they claim.
+"""
+
+import json
+
+import mlflow
+import pytest
+import torch
+
+from benchmarks import approximation_error, attention_speed, decoding, spectral_grid
+from benchmarks.common import PeakMemory
+from launcher.cli import main as cli
+from macformer.attention import feature_attention
+from macformer.features import SpectralFeatures
+
+
+def _json(path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_cumsum_reference_form_equals_the_chunked_causal_form() -> None:
+    q, k, v = (torch.randn(1, 2, 37, 16) * 0.5 for _ in range(3))
+    feature_map = SpectralFeatures(16, 32, seed=0)
+    torch.testing.assert_close(attention_speed.cumsum_causal_attention(q, k, v, feature_map, eps=0.0),
+                               feature_attention(q, k, v, feature_map, causal=True, chunk_size=8),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_peak_memory_sees_an_allocation_and_not_what_was_held_before() -> None:
+    held = torch.ones(16 * 2**20 // 4)  # 16 MiB allocated before the block
+    with PeakMemory(torch.device("cpu")) as meter:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del block
+    assert 56 < meter.peak_mib < 90, meter.peak_mib
+    assert held.sum() > 0
+
+
+def test_attention_speed_at_a_tiny_size(tmp_path) -> None:
+    assert attention_speed.main(["--seq-lens", "64", "128", "--kernels", "exp", "--dims", "32", "128",
+                                 "--heads", "2", "--head-dim", "16", "--repeats", "1",
+                                 "--output", str(tmp_path)]) == 0
+    result = _json(tmp_path / "attention_speed.json")
+    methods = {r["method"] for r in result["rows"]}
+    assert {"softmax", "rmfa-exp-D32", "rmfa-exp-D128", "rfa-D128", "favor-D128", "cumsum-favor-D128"} <= methods
+    for row in result["rows"]:
+        assert row["seconds"] > 0 and row["peak_mib"] >= 0
+        base = next(b for b in result["rows"] if b["method"] == "softmax" and
+                    (b["causal"], b["pass"], b["seq_len"]) == (row["causal"], row["pass"], row["seq_len"]))
+        assert row["speedup_vs_softmax"] == pytest.approx(base["seconds"] / row["seconds"])
+    assert not any(r["method"].startswith("cumsum") and not r["causal"] for r in result["rows"])
+    assert "chunked_vs_cumsum_speed_128" in result["summary"]
+    for name in ("attention_seconds.png", "attention_peak_mib.png", "rmfa_speedup_heatmap.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_approximation_error_at_a_tiny_size_logs_to_mlflow(tmp_path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert approximation_error.main(["--kernels", "exp", "inverse", "--dims", "16", "256", "--seq-lens", "64",
+                                     "--seeds", "2", "--output", str(tmp_path), "--tracking-uri", uri]) == 0
+    rows = _json(tmp_path / "approximation_error.json")["rows"]
+    favor = [r for r in rows if r["method"] == "favor" and r["inputs"] == "ppSBN"]
+    assert favor and all(r["errors"]["256"] < r["errors"]["16"] for r in favor)
+    assert any(r.get("diverges") for r in rows if r["method"] == "rmfa-inverse" and r["inputs"] == "plain")
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("macformer-benchmarks").experiment_id])
+    assert run.data.tags["benchmark"] == "approximation_error"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"approximation_error.json",
+                                                                        "approximation_error.png"}
+
+
+def test_decoding_at_a_tiny_size(tmp_path) -> None:
+    assert decoding.main(["--contexts", "32", "96", "--new-tokens", "3", "--d-model", "32", "--heads", "2",
+                          "--layers", "1", "--num-features", "48", "--vocab-size", "50",
+                          "--output", str(tmp_path)]) == 0
+    rows = _json(tmp_path / "decoding.json")["rows"]
+    rmfa = [r for r in rows if r["attention"] == "rmfa"]
+    softmax = [r for r in rows if r["attention"] == "softmax"]
+    # The recurrent state has one size whatever the context; the KV cache grows with it.
+    assert rmfa[0]["state_mib"] == rmfa[1]["state_mib"] and softmax[1]["state_mib"] > softmax[0]["state_mib"]
+    assert (tmp_path / "decoding.png").stat().st_size > 0
+
+
+def test_spectral_grid_at_a_tiny_size(tmp_path) -> None:
+    assert spectral_grid.main(["--num-features", "40", "--seq-len", "32", "--speed-seq-len", "64", "--heads", "1",
+                               "--head-dim", "8", "--seeds", "1", "--inputs", "ppSBN",
+                               "--output", str(tmp_path)]) == 0
+    rows = [r for r in _json(tmp_path / "spectral_grid.json")["rows"] if "error" in r]
+    assert len(rows) == 2 * 4 * 7 and all(0 < r["error"] < 1 for r in rows)
+    assert (tmp_path / "spectral_grid_error.png").stat().st_size > 0
+
+
+def test_bench_command_dispatches_and_refuses_bad_sizes(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["bench", "attention_speed", "--seq-lens", "-8"])
+    assert exit_info.value.code == 2 and "--seq-lens must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["bench", "nonexistent"])
+    assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_training_throughput_runs_the_trainer_and_reports_ratios(tmp_path, local_ray) -> None:
+    from benchmarks import training
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert training.main(["throughput", "--seq-lens", "32", "64", "--kernels", "inverse", "--steps", "2",
+                          "--d-model", "32", "--num-features", "40", "--stdlib-limit", "6", "--vocab-size", "600",
+                          "--data-dir", str(tmp_path / "data"), "--output", str(tmp_path / "out"),
+                          "--tracking-uri", uri]) == 0
+    rows = _json(tmp_path / "out" / "training_throughput.json")["rows"]
+    assert sorted((r["variant"], r["seq_len"]) for r in rows) == [
+        ("rmfa-exp", 33), ("rmfa-exp", 65), ("rmfa-inverse", 65), ("softmax", 33), ("softmax", 65)]
+    for row in rows:
+        assert row["tokens_per_s"] > 0 and row["peak_memory_mb"] > 0 and row["steps"] == 2
+        base = next(b for b in rows if b["variant"] == "softmax" and b["seq_len"] == row["seq_len"])
+        assert row["speedup_vs_softmax"] == pytest.approx(row["tokens_per_s"] / base["tokens_per_s"])
+    assert (tmp_path / "out" / "training_throughput.png").stat().st_size > 0
