@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from launcher.config import ConfigError, TrainConfig
 from launcher.tracking import JOB_ID_ENV, ensure_experiment, git_commit
+from pipelines import storage
 from pipelines.ray_runtime import ray_session
 from pipelines.reader import ShardReader
 
@@ -36,9 +36,8 @@ def check_ready(config: TrainConfig) -> None:
 
 def check_run_directory(config: TrainConfig, resume: bool) -> None:
     """A run directory is continued only on request: a new run never silently resumes an old one."""
-    if "://" in config.storage_path:
-        return  # object stores: Ray Train resumes whatever is there
-    exists = (Path(config.storage_path) / config.run_name).exists()
+    filesystem, root = storage.resolve(config.storage_path)
+    exists = storage.exists(filesystem, storage.join(root, config.run_name))
     if exists and not resume:
         raise ConfigError(f"run {config.run_name!r} already exists in {config.storage_path}; pass --resume to "
                           "continue it or choose another run_name")

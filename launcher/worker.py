@@ -157,6 +157,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     if not config.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
+    import ray
     import ray.train
 
     context = ray.train.get_context()
@@ -186,6 +187,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             batches.load_state_dict(json.loads((Path(directory) / f"reader-{rank}.json").read_text()))
             state = json.loads((Path(directory) / STATE_FILE).read_text())
             step, run_id = state["step"], state["run_id"]
+    # Which Ray nodes the workers run on: a multi-node run says so in its MLflow tags.
+    node_ids: list[str | None] = [None] * world_size
+    dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
     tracker = NoTracker()
     if rank == 0:
         tracker = Tracker(config.resolved_tracking_uri(), config.experiment, config.run_name, run_id,
@@ -194,7 +198,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         tracker.log_params(run_params(config.to_dict(), model_config, world_size, manifest))
         tracker.set_tags({"git_commit": loop_config["git_commit"],
                           "ray_job_id": loop_config["ray_job_id"],
-                          "resumed_from_step": str(step)})
+                          "resumed_from_step": str(step), "ray_nodes": str(len(set(node_ids))),
+                          "ray_node_ids": ",".join(sorted(set(node_ids)))})
         if run_id is None:
             tracker.log_dict(config.to_dict(), "config/train.json")
             tracker.log_dict(model_config.to_dict(), "config/model.json")

@@ -185,8 +185,11 @@ def _run(config: PrepareConfig, files: list[InputFile], tokenizer_model: bytes |
         held_out = (np.arange(documents, documents + len(column)) % period == period - 1) if period else None
         documents += len(column)
         for split in splits:
-            chosen = column if held_out is None else column.filter(pa.array(held_out if split == "valid" else ~held_out))
-            chosen_lengths = lengths if held_out is None else np.diff(chosen.offsets.to_numpy())
+            if held_out is None:
+                chosen, chosen_lengths = column, lengths
+            else:
+                chosen = column.filter(pa.array(held_out if split == "valid" else ~held_out))
+                chosen_lengths = np.diff(chosen.offsets.to_numpy())
             packed = packers[split].add(chosen.flatten().to_numpy(), chosen_lengths)
             if len(packed.windows):
                 writers[split].add(pa.table({"input_ids": _list_array(list(packed.windows)),

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
+from pipelines import storage
 from pipelines.errors import PipelineError
 from pipelines.shards import load_manifest, read_table, verify_shard
 
@@ -31,8 +32,9 @@ class ShardReader(IterableDataset):
         super().__init__()
         if world_size < 1 or not 0 <= rank < world_size:
             raise PipelineError(f"rank {rank} is outside world size {world_size}; use 0 <= rank < world_size")
-        self.directory = Path(directory)
-        self.manifest = load_manifest(self.directory)
+        self.directory = directory
+        self.filesystem, self.root = storage.resolve(directory)
+        self.manifest = load_manifest(directory)
         self.rank, self.world_size, self.seed, self.shuffle, self.verify = rank, world_size, seed, shuffle, verify
         shards = self.manifest["shards"]
         self.shards = [i for i, entry in enumerate(shards) if split is None or entry.get("split") == split]
@@ -63,10 +65,10 @@ class ShardReader(IterableDataset):
         index = self.shards[position]
         entry = self.manifest["shards"][index]
         path = verify_shard(self.directory, entry) if self.verify and index not in self._verified else \
-            self.directory / entry["path"]
+            storage.join(self.root, entry["path"])
         self._verified.add(index)
         try:
-            table = read_table(path)
+            table = read_table(path, self.filesystem)
         except Exception as error:
             raise PipelineError(f"shard {path} cannot be read ({str(error).splitlines()[0]}); "
                                 "re-run prepare --overwrite") from None

@@ -9,8 +9,10 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipelines import storage
 from pipelines.errors import PipelineError
 
 MANIFEST = "manifest.json"
@@ -19,18 +21,21 @@ SHARD_FORMATS = ("parquet", "arrow")
 TOKEN_COLUMNS = ("input_ids", "pair_input_ids")
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: str | Path, filesystem: pafs.FileSystem | None = None) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with (filesystem or pafs.LocalFileSystem()).open_input_stream(str(path)) as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
-def read_table(path: Path) -> pa.Table:
-    if path.suffix == ".parquet":
-        return pq.read_table(path)
-    with pa.memory_map(str(path)) as source:
+def read_table(path: str, filesystem: pafs.FileSystem) -> pa.Table:
+    if path.endswith(".parquet"):
+        return pq.read_table(path, filesystem=filesystem)
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        with pa.memory_map(path) as source:
+            return pa.ipc.open_file(source).read_all()
+    with filesystem.open_input_file(path) as source:
         return pa.ipc.open_file(source).read_all()
 
 
@@ -93,11 +98,13 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
 
 
 def load_manifest(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
+    """The manifest of a dataset directory, local or on an object store (s3://, gs://, file://)."""
+    filesystem, root = storage.resolve(directory)
+    path = storage.join(root, MANIFEST)
+    if not storage.is_file(filesystem, path):
         raise PipelineError(f"{path} not found: {directory} is not a prepared dataset (run `macformer prepare`)")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(storage.read_bytes(filesystem, path))
     except json.JSONDecodeError as error:
         raise PipelineError(
             f"{path} is corrupt ({error.msg} at line {error.lineno}); re-run prepare with --overwrite"
@@ -111,11 +118,13 @@ def load_manifest(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def verify_shard(directory: Path, entry: dict[str, Any]) -> Path:
-    path = Path(directory) / entry["path"]
-    if not path.is_file():
+def verify_shard(directory: str | Path, entry: dict[str, Any]) -> str:
+    """The shard's path inside its filesystem, after checking that it exists and its sha256 matches."""
+    filesystem, root = storage.resolve(directory)
+    path = storage.join(root, entry["path"])
+    if not storage.is_file(filesystem, path):
         raise PipelineError(f"shard {path} listed in the manifest is missing; restore it or re-run prepare --overwrite")
-    if file_sha256(path) != entry["sha256"]:
+    if file_sha256(path, filesystem) != entry["sha256"]:
         raise PipelineError(f"shard {path} is corrupt (sha256 differs from the manifest); "
                             "restore it or re-run prepare --overwrite")
     return path
