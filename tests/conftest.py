@@ -1,5 +1,16 @@
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
 import pytest
 import torch
+
+BIN = Path(sys.executable).parent  # the environment's console scripts (ray, mlflow, macformer)
 
 
 @pytest.fixture(autouse=True)
@@ -31,3 +42,38 @@ def local_ray():
     ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_url(url: str, what: str, seconds: int = 120) -> None:
+    for _ in range(seconds):
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError(f"{what} did not come up at {url}")
+
+
+def start_service(command: list[str], **env: str) -> subprocess.Popen:
+    """A console script of this environment in its own process group (stop it with stop_service)."""
+    environment = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                   "PATH": f"{BIN}:{os.environ.get('PATH', '')}", **env}  # as if started from the activated venv
+    return subprocess.Popen([str(BIN / command[0]), *command[1:]], env=environment, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_service(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=60)
+
+
+def ray_node_ports() -> list[str]:
+    """Own agent ports for a Ray node: another local Ray (the session's) already holds the defaults."""
+    return ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+            "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())]

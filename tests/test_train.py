@@ -2,14 +2,13 @@
 
 import os
 import signal
-import sys
 import threading
 import time
-from pathlib import Path
 
 import mlflow
 import pytest
 import torch
+from conftest import free_port, ray_node_ports, start_service, stop_service, wait_for_url
 
 from launcher.cli import main
 from launcher.config import ConfigError, TrainConfig
@@ -180,51 +179,24 @@ def test_tracker_survives_a_failing_store(tmp_path, capsys) -> None:
     mlflow.end_run()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def ray_head():
     """A separate Ray head on 127.0.0.1 with the Jobs API, stopped with its whole process group."""
     import shutil
-    import subprocess
     import tempfile
-    import urllib.request
 
     temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    port, dashboard = _free_port(), _free_port()
-    venv = str(Path(sys.executable).parent)  # as if started from the activated environment
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-           "PATH": f"{venv}:{os.environ.get('PATH', '')}"}
-    head = subprocess.Popen(
-        [str(Path(venv) / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-         "--port", str(port),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
-         "--disable-usage-stats", "--temp-dir", temp_dir,
-         # Own agent ports: the session's other local Ray already holds the default ones.
-         "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
-         "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port())],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    dashboard = free_port()
+    head = start_service(["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+                          "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port",
+                          str(dashboard), "--num-cpus", "2", "--disable-usage-stats", "--temp-dir", temp_dir,
+                          *ray_node_ports()])
     address = f"http://127.0.0.1:{dashboard}"
     try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2).close()
-                break
-            except OSError:
-                time.sleep(1)
-        else:
-            raise RuntimeError("the Ray head did not come up")
+        wait_for_url(f"{address}/api/version", "the Ray head")
         yield address
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=60)
+        stop_service(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

