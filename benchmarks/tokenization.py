@@ -11,7 +11,6 @@ initialised before timing (a cluster is long-lived), HF's pool starts per map ca
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -19,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import add_common_arguments, pyplot, write_results
 from pipelines.prepare import PrepareConfig, prepare
 from pipelines.ray_runtime import ray_session
 from pipelines.sources import stdlib_files
@@ -78,12 +78,12 @@ def timed(function, *args) -> tuple[int, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="macformer bench tokenization", description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, default=None, help="stdlib files in the corpus (default: all)")
     parser.add_argument("--repeat", type=int, default=1, help="corpus = this many copies of the files")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--vocab-size", type=int, default=8000)
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/out/tokenization.json"))
+    add_common_arguments(parser, "tokenization")
     args = parser.parse_args(argv)
     if (args.files is not None and args.files <= 0) or args.workers <= 0 or args.repeat <= 0:
         parser.error("--files, --workers and --repeat must be positive")
@@ -114,14 +114,24 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()} CPUs")
     print("| way | seconds | tokens/s | vs single process | vs 2x single process |")
     print("|---|---|---|---|---|")
-    rows = {}
+    rows = []
     for name, (tokens, seconds) in results.items():
         rate = tokens / seconds
-        rows[name] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": rate}
+        rows.append({"way": name, "tokens": tokens, "seconds": seconds, "tokens_per_s": rate,
+                     "vs_single_process": rate / single_rate})
         print(f"| {name} | {seconds:.2f} | {rate:,.0f} | {rate / single_rate:.2f}x | "
               f"{rate / (2 * single_rate):.0%} |")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"files": len(paths), "megabytes": megabytes, "results": rows}, indent=2))
+    plt = pyplot()
+    figure, ax = plt.subplots(figsize=(7, 3))
+    ax.barh([r["way"] for r in rows], [r["tokens_per_s"] / 1e6 for r in rows])
+    ax.set(xlabel="million tokens/s", title=f"{megabytes:.1f} MB of stdlib sources, {os.cpu_count()} CPUs")
+    figure.tight_layout()
+    args.output.mkdir(parents=True, exist_ok=True)
+    figure.savefig(args.output / "tokenization.png", dpi=110)
+    plt.close(figure)
+    summary = {"files": len(paths), "megabytes": megabytes,
+               **{f"vs_single_process {r['way']}": r["vs_single_process"] for r in rows}}
+    write_results(args, "tokenization", rows, summary, [args.output / "tokenization.png"])
     return 0
 
 

@@ -118,3 +118,13 @@ def test_training_throughput_runs_the_trainer_and_reports_ratios(tmp_path, local
         base = next(b for b in rows if b["variant"] == "softmax" and b["seq_len"] == row["seq_len"])
         assert row["speedup_vs_softmax"] == pytest.approx(row["tokens_per_s"] / base["tokens_per_s"])
     assert (tmp_path / "out" / "training_throughput.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_tokenization_at_a_tiny_size(tmp_path, local_ray) -> None:
+    from benchmarks import tokenization
+
+    assert tokenization.main(["--files", "12", "--vocab-size", "600", "--output", str(tmp_path)]) == 0
+    result = _json(tmp_path / "tokenization.json")
+    assert len(result["rows"]) == 3 and len({r["tokens"] for r in result["rows"]}) == 1  # the same tokens
+    assert (tmp_path / "tokenization.png").stat().st_size > 0
