@@ -5,8 +5,8 @@ every sequence length, every kernel at the longest), on the stdlib corpus prepar
 Ratios are against softmax at the same length, from the same sweep.
 
 quality: runs sweep configs (default: configs/sweeps/quality_lm.yaml and quality_listops.yaml:
-softmax, RMFA per kernel with and without ppSBN, RFA, FAVOR+ at equal steps) and reports each
-run's best validation perplexity or accuracy beside softmax's.
+softmax, RMFA per kernel with and without ppSBN, RFA, FAVOR+ at equal steps) and reports the newest
+finished run of each variant: its best validation perplexity or accuracy beside softmax's.
 
     python -m benchmarks.training throughput --seq-lens 1024 2048 4096 8192
     python -m benchmarks.training quality
@@ -68,6 +68,16 @@ def sweep_rows(experiment: str, tracking_uri: str, parent_run_id: str) -> list[d
     return [r for r in collect(experiment, tracking_uri) if r["parent_run_id"] == parent_run_id]
 
 
+def latest_finished_runs(experiment: str, tracking_uri: str) -> list[dict[str, Any]]:
+    """The newest finished run of each attention variant (with and without ppSBN) in the experiment:
+    a variant re-run after a failure replaces nothing but its own failed attempt."""
+    latest: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in collect(experiment, tracking_uri):  # oldest first
+        if row["status"] == "FINISHED":
+            latest[(row["variant"], row["ppsbn"])] = row
+    return list(latest.values())
+
+
 def throughput(args: argparse.Namespace) -> tuple[list[dict], dict[str, float], list[Path]]:
     corpora = prepare_corpora(args)
     name = f"throughput-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -102,31 +112,14 @@ def throughput(args: argparse.Namespace) -> tuple[list[dict], dict[str, float], 
     return rows, summary, [path]
 
 
-def latest_sweep_run(experiment: str, tracking_uri: str, name: str) -> str:
-    """The id of the newest finished parent run of sweep `name` (for --no-train)."""
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    runs = [] if found is None else client.search_runs(
-        [found.experiment_id], f"tags.sweep = '{name}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
-        raise SystemExit(f"no finished sweep {name!r} in experiment {experiment!r} at {tracking_uri}; "
-                         "run it first (drop --no-train)")
-    return runs[0].info.run_id
-
-
 def quality(args: argparse.Namespace) -> tuple[list[dict], dict[str, float], list[Path]]:
     rows: list[dict] = []
     for grid in args.sweeps:
         sweep = Sweep.load(grid, args.overrides)
         first = sweep.trials[0].with_absolute_paths()
-        if args.no_train:
-            parent = latest_sweep_run(first.experiment, first.tracking_uri, sweep.name)
-        else:
-            parent = run_sweep(sweep)
-        found = sweep_rows(first.experiment, first.tracking_uri, parent)
+        if not args.no_train:
+            run_sweep(sweep)
+        found = latest_finished_runs(first.experiment, first.tracking_uri)
         metric = "best_accuracy" if first.task == "classification" else "best_perplexity"
         base = next((r[metric] for r in found if r["variant"] == "softmax"), None)
         for row in found:
@@ -168,7 +161,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, default=Path("data/bench"))
     parser.add_argument("--sweeps", nargs="+", default=QUALITY_SWEEPS, help="quality: sweep configs to run")
     parser.add_argument("--no-train", action="store_true",
-                        help="quality: report the newest finished run of each sweep instead of running it")
+                        help="quality: report the experiments' newest finished runs instead of running the sweeps")
     parser.add_argument("--override", dest="overrides", action="append", default=[],
                         help="quality: key=value applied to every trial (repeatable)")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/out/training"))

@@ -50,7 +50,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_for_url(url: str, what: str, seconds: int = 120) -> None:
+def wait_for_url(url: str, what: str, seconds: int = 300) -> None:
     for _ in range(seconds):
         try:
             urllib.request.urlopen(url, timeout=2).close()

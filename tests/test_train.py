@@ -115,8 +115,9 @@ def _kill_a_worker_after(config: TrainConfig, step: int, done: threading.Event) 
         except Exception:  # the run or experiment may not exist yet
             reached = 0
         if reached >= step:
-            workers = [p for p in psutil.process_iter(["cmdline"])
-                       if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+            # Only this test session's workers (descendants of this process), not another Ray's on the machine.
+            workers = [p for p in psutil.Process().children(recursive=True)
+                       if "RayTrainWorker" in " ".join(p.cmdline())]
             if workers:
                 os.kill(workers[0].pid, signal.SIGKILL)
                 return
