@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import add_common_arguments, check_positive, pyplot, write_results
+from benchmarks.common import add_common_arguments, check_positive, pyplot, save_figure, write_results
 from macformer.attention import feature_attention, kernel_attention, softmax_attention
 from macformer.features import RandomMaclaurinFeatures, SpectralFeatures
 from macformer.kernels import KERNELS, get_kernel
@@ -149,11 +149,7 @@ def plot(rows: list[dict], args: argparse.Namespace) -> Path:
                    title=f"n={seq_len} {'causal' if causal else 'non-causal'}")
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=6)
-    figure.tight_layout()
-    path = args.output / "approximation_error.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, args.output / "approximation_error.png")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -27,6 +27,7 @@ from benchmarks.common import (
     check_positive,
     format_table,
     pyplot,
+    save_figure,
     time_call,
     write_results,
 )
@@ -200,11 +201,7 @@ def plot(rows: list[dict], args: argparse.Namespace) -> list[Path]:
                        xlabel="sequence length", ylabel=label)
                 ax.grid(alpha=0.3)
         axes[0][1].legend(fontsize=6, ncol=2)
-        figure.tight_layout()
-        path = args.output / f"attention_{key}.png"
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
-        paths.append(path)
+        paths.append(save_figure(figure, args.output / f"attention_{key}.png"))
     paths.append(heat_map(rows, args))
     return paths
 
@@ -224,11 +221,7 @@ def heat_map(rows: list[dict], args: argparse.Namespace) -> Path:
             ax.text(j, i, f"{value:.2f}x", ha="center", va="center", color="white", fontsize=8)
     ax.set(xlabel="sequence length", ylabel="D (random features)", title="RMFA-exp speedup over softmax (fwd)")
     figure.colorbar(image)
-    figure.tight_layout()
-    path = args.output / "rmfa_speedup_heatmap.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, args.output / "rmfa_speedup_heatmap.png")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

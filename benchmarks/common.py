@@ -121,6 +121,14 @@ def pyplot():
     return plt
 
 
+def save_figure(figure, path: Path) -> Path:
+    """Lay out, write as PNG and release a matplotlib figure."""
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    pyplot().close(figure)
+    return path
+
+
 def write_results(args: argparse.Namespace, name: str, rows: list[dict[str, Any]], summary: dict[str, Any],
                   figures: list[Path]) -> Path:
     """JSON with the arguments, rows and summary; then MLflow (when --tracking-uri is given)."""

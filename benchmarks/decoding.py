@@ -19,7 +19,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import PeakMemory, add_common_arguments, check_positive, format_table, pyplot, write_results
+from benchmarks.common import (
+    PeakMemory,
+    add_common_arguments,
+    check_positive,
+    format_table,
+    pyplot,
+    save_figure,
+    write_results,
+)
 from macformer import MacformerConfig, MacformerForCausalLM
 from macformer.layers import LayerCache
 
@@ -92,11 +100,7 @@ def plot(rows: list[dict], args: argparse.Namespace) -> Path:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    figure.tight_layout()
-    path = args.output / "decoding.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, args.output / "decoding.png")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

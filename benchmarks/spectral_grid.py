@@ -19,7 +19,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import add_common_arguments, check_positive, format_table, pyplot, time_call, write_results
+from benchmarks.common import (
+    add_common_arguments,
+    check_positive,
+    format_table,
+    pyplot,
+    save_figure,
+    time_call,
+    write_results,
+)
 from macformer.attention import feature_attention, softmax_attention
 from macformer.features import COMPONENTS, WEIGHTS, RandomMaclaurinFeatures, SpectralFeatures
 from macformer.ppsbn import PreSBN
@@ -97,11 +105,7 @@ def heat_map(rows: list[dict], args: argparse.Namespace) -> Path:
                 ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="white", fontsize=7)
         ax.set_title(f"{kind} inputs, {'causal' if causal else 'non-causal'}: rel. error", fontsize=9)
         figure.colorbar(image, ax=ax, label="log10 error")
-    figure.tight_layout()
-    path = args.output / "spectral_grid_error.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, args.output / "spectral_grid_error.png")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import add_common_arguments, pyplot, write_results
+from benchmarks.common import add_common_arguments, pyplot, save_figure, write_results
 from pipelines.prepare import PrepareConfig, prepare
 from pipelines.ray_runtime import ray_session
 from pipelines.sources import stdlib_files
@@ -125,13 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     figure, ax = plt.subplots(figsize=(7, 3))
     ax.barh([r["way"] for r in rows], [r["tokens_per_s"] / 1e6 for r in rows])
     ax.set(xlabel="million tokens/s", title=f"{megabytes:.1f} MB of stdlib sources, {os.cpu_count()} CPUs")
-    figure.tight_layout()
     args.output.mkdir(parents=True, exist_ok=True)
-    figure.savefig(args.output / "tokenization.png", dpi=110)
-    plt.close(figure)
+    figure_path = save_figure(figure, args.output / "tokenization.png")
     summary = {"files": len(paths), "megabytes": megabytes,
                **{f"vs_single_process {r['way']}": r["vs_single_process"] for r in rows}}
-    write_results(args, "tokenization", rows, summary, [args.output / "tokenization.png"])
+    write_results(args, "tokenization", rows, summary, [figure_path])
     return 0
 
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import check_positive, format_table, pyplot, write_results
+from benchmarks.common import check_positive, format_table, pyplot, save_figure, write_results
 from launcher.compare import collect
 from launcher.config import TrainConfig
 from launcher.sweep import Sweep, run_sweep
@@ -105,11 +105,7 @@ def throughput(args: argparse.Namespace) -> tuple[list[dict], dict[str, float], 
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    figure.tight_layout()
-    path = args.output / "training_throughput.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return rows, summary, [path]
+    return rows, summary, [save_figure(figure, args.output / "training_throughput.png")]
 
 
 def quality(args: argparse.Namespace) -> tuple[list[dict], dict[str, float], list[Path]]:
@@ -137,11 +133,7 @@ def quality(args: argparse.Namespace) -> tuple[list[dict], dict[str, float], lis
         ax.barh(labels, [r["value"] for r in members])
         ax.set(title=name, xlabel=members[0]["metric"].replace("_", " ") if members else "")
         ax.tick_params(axis="y", labelsize=7)
-    figure.tight_layout()
-    path = args.output / "training_quality.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return rows, summary, [path]
+    return rows, summary, [save_figure(figure, args.output / "training_quality.png")]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
