@@ -15,6 +15,8 @@ FEATURE_ATTENTIONS = ("rmfa", "rfa", "favor", "random_features")
 # Spectraformer's (component, weights) pairs: rfa and favor are names for two of them.
 SPECTRAL_ATTENTIONS = {"rfa": ("trigrf", "gaussian"), "favor": ("posrf", "orthogonal"),
                        "random_features": ("posrf", "orthogonal")}
+# Attentions whose published form normalises q, k with ppSBN (the Macformer paper's RMFA).
+PPSBN_BY_DEFAULT = ("rmfa", "kernel")
 POOLINGS = ("mean", "cls")
 # Bound on |q . k| under ppSBN for kernels with an infinite radius (exp, trigh): large enough for
 # sharp attention (weights up to e^4 apart), small enough to keep the feature variance moderate.
@@ -50,6 +52,9 @@ class MacformerConfig:
     head_dim of its D features) exactly and samples only higher degrees: at equal D, about 9x lower
     error than sampling every degree under ppSBN (benchmarks/RESULTS.md).
     ppsbn: pre/post scaling normalisation (needed by kernels with a finite radius of convergence).
+    None (default) resolves to the attention's published form: on for rmfa and kernel (Macformer's),
+    off for softmax, rfa, favor and random_features (whose papers do not use it; its bounded temperature
+    also keeps their attention flat early in training: benchmarks/RESULTS.md, quality at equal steps).
     ppsbn_max_temperature: bound on |q . k| after preSBN (default: 0.99 / sqrt(p) for radius-1
     kernels, where the RMFA variance is finite; 2.0 for exp/trigh).
     causal: causal attention (language modelling); chunk_size: tokens per chunk of causal feature attention.
@@ -71,7 +76,7 @@ class MacformerConfig:
     linear_features: bool = True
     max_degree: int | None = None
     feature_redraw_interval: int | None = None
-    ppsbn: bool = True
+    ppsbn: bool | None = None
     ppsbn_learnable_temperature: bool = True
     ppsbn_max_temperature: float | None = None
     rfa_gate: bool = False
@@ -104,6 +109,10 @@ class MacformerConfig:
             _fail("dropout", self.dropout, "a probability in [0, 1)")
         if self.attention not in ATTENTIONS:
             _fail("attention", self.attention, f"one of {', '.join(ATTENTIONS)}")
+        if self.ppsbn is None:
+            object.__setattr__(self, "ppsbn", self.attention in PPSBN_BY_DEFAULT)
+        if not isinstance(self.ppsbn, bool):
+            _fail("ppsbn", self.ppsbn, "True, False or None (the attention's default)")
         if isinstance(self.kernel, str) and self.kernel not in KERNELS:
             _fail("kernel", self.kernel, f"one of {', '.join(KERNELS)} or a coefficient list")
         kernel = get_kernel(self.kernel)  # validates coefficient lists

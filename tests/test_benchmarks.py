@@ -5,6 +5,7 @@ that the numbers exist, are consistent, and that the helpers measure what they c
 """
 
 import json
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -15,6 +16,8 @@ from benchmarks.common import PeakMemory
 from launcher.cli import main as cli
 from macformer.attention import feature_attention
 from macformer.features import SpectralFeatures
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _json(path) -> dict:
@@ -118,6 +121,40 @@ def test_training_throughput_runs_the_trainer_and_reports_ratios(tmp_path, local
         base = next(b for b in rows if b["variant"] == "softmax" and b["seq_len"] == row["seq_len"])
         assert row["speedup_vs_softmax"] == pytest.approx(row["tokens_per_s"] / base["tokens_per_s"])
     assert (tmp_path / "out" / "training_throughput.png").stat().st_size > 0
+
+
+def test_training_quality_reports_each_variants_newest_finished_run(tmp_path, monkeypatch) -> None:
+    from benchmarks import training
+
+    monkeypatch.chdir(REPO)  # the sweep file names its base config relative to the repository root
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("quality-lm")
+
+    def logged_run(variant: str, ppsbn: bool, perplexities: list[float], status: str = "FINISHED") -> None:
+        run_id = client.create_run(experiment).info.run_id
+        for key, value in {"attention": variant.split("-")[0], "variant": variant, "ppsbn": ppsbn}.items():
+            client.log_param(run_id, key, value)
+        for step, value in enumerate(perplexities):
+            client.log_metric(run_id, "eval_perplexity", value, step=step)
+        client.set_terminated(run_id, status)
+
+    logged_run("softmax", True, [120, 80])
+    logged_run("softmax", False, [90, 50])
+    logged_run("rmfa-exp", True, [100, 70])
+    logged_run("rmfa-exp", True, [60], status="FAILED")  # a failed re-run replaces nothing
+    logged_run("favor", False, [200, 150])
+    logged_run("favor", False, [100])  # a finished re-run replaces the older run
+    assert training.main(["quality", "--no-train", "--sweeps", "configs/sweeps/quality_lm.yaml",
+                          "--override", f"tracking_uri={uri}", "--output", str(tmp_path / "out"),
+                          "--tracking-uri", uri]) == 0
+    result = _json(tmp_path / "out" / "training_quality.json")
+    found = {(r["variant"], r["ppsbn"]): (r["value"], r["relative_to_softmax"]) for r in result["rows"]}
+    assert found == {("softmax", "True"): (80, 1.6), ("softmax", "False"): (50, 1.0),
+                     ("rmfa-exp", "True"): (70, 1.4), ("favor", "False"): (100, 2.0)}
+    assert result["summary"]["quality-lm_favor_no_ppsbn"] == 100
+    assert result["summary"]["quality-lm_rmfa-exp_ppsbn"] == 70
+    assert (tmp_path / "out" / "training_quality.png").stat().st_size > 0
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ import torch
 
 from macformer import MacformerConfig, MacformerForCausalLM, MacformerForSequenceClassification
 from macformer.config import ATTENTIONS, FEATURE_ATTENTIONS
+from macformer.models import MacformerModel
 
 VOCAB = 40
 
@@ -16,12 +17,24 @@ def _lm(attention: str, **overrides) -> MacformerForCausalLM:
 
 
 LM_VARIANTS = [
-    ("softmax", {}), ("kernel", {}), ("kernel", {"kernel": "inverse"}), ("rmfa", {}),
+    ("softmax", {}), ("softmax", {"ppsbn": True}), ("kernel", {}), ("kernel", {"kernel": "inverse"}), ("rmfa", {}),
     ("rmfa", {"kernel": "log"}), ("rmfa", {"kernel": "sqrt", "ppsbn": True}), ("rfa", {}),
-    ("rfa", {"rfa_gate": True, "rfa_learned_sigma": True}), ("favor", {}), ("rmfa", {"ppsbn": False}),
+    ("rfa", {"rfa_gate": True, "rfa_learned_sigma": True}), ("favor", {}), ("favor", {"ppsbn": True}),
+    ("rmfa", {"ppsbn": False}),
     ("random_features", {"component": "oprf", "weights": "fastfood_learned"}),
     ("random_features", {"component": "gerf", "gerf_a": -0.1, "gerf_sign": -1, "weights": "qmc"}),
 ]
+
+
+@pytest.mark.parametrize(("attention", "with_ppsbn"), [
+    ("softmax", False), ("rfa", False), ("favor", False), ("random_features", False), ("rmfa", True), ("kernel", True),
+])
+def test_ppsbn_defaults_to_each_attentions_published_form(attention: str, with_ppsbn: bool) -> None:
+    config = MacformerConfig(attention=attention)
+    assert config.ppsbn is with_ppsbn
+    assert MacformerConfig.from_dict(config.to_dict()).ppsbn is with_ppsbn  # saved resolved, not as None
+    assert (MacformerModel(config).blocks[0].attention.pre_sbn is not None) is with_ppsbn
+    assert MacformerConfig(attention=attention, ppsbn=True).ppsbn is True
 
 
 @pytest.mark.parametrize(("attention", "overrides"), LM_VARIANTS)
@@ -141,6 +154,7 @@ def test_model_trains_finite_at_16k_tokens_in_bf16() -> None:
         ({"p": 0.5}, "p: expected a finite number > 1"),
         ({"dropout": 1.5}, "dropout"),
         ({"kernel": "inverse", "ppsbn": False}, "ppsbn: expected True"),
+        ({"ppsbn": "yes"}, "ppsbn: expected True, False or None"),
         ({"attention": "rfa", "num_features": 33}, "even number"),
         ({"rfa_gate": True}, "rfa_gate"),
         ({"ppsbn_max_temperature": 1.5, "kernel": "log"}, "below the kernel's radius"),
