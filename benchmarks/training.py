@@ -128,7 +128,8 @@ def quality(args: argparse.Namespace) -> tuple[list[dict], dict[str, float], lis
                for r in rows if r["value"] is not None}
     plt = pyplot()
     sweeps = list(dict.fromkeys(r["sweep"] for r in rows))
-    figure, axes = plt.subplots(1, len(sweeps), figsize=(6 * len(sweeps), 4.5), squeeze=False)
+    most_bars = max((sum(r["sweep"] == name for r in rows) for name in sweeps), default=1)
+    figure, axes = plt.subplots(1, len(sweeps), figsize=(6 * len(sweeps), max(4.5, 0.2 * most_bars)), squeeze=False)
     for ax, name in zip(axes[0], sweeps, strict=True):
         members = [r for r in rows if r["sweep"] == name and r["value"] is not None]
         labels = [f"{r['variant']} ({'' if r['ppsbn'] == 'True' else 'no '}ppSBN)" for r in members]
