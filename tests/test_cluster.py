@@ -27,6 +27,7 @@ def two_node_cluster(monkeypatch):
     --address` refuses to join a node unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1, and that setting
     makes every Ray service listen on all interfaces instead of 127.0.0.1.
     """
+    import ray
     from ray.cluster_utils import Cluster
     from ray.util.state import list_nodes
 
@@ -44,6 +45,10 @@ def two_node_cluster(monkeypatch):
         "node_ip_address": "127.0.0.1", "gcs_server_port": free_port(), "include_dashboard": True,
         "dashboard_host": "127.0.0.1", "dashboard_port": dashboard, "temp_dir": temp_dir, "num_cpus": 1,
         "object_store_memory": 300 * 2**20, **own_ports()})
+    # A job's supervisor finds its cluster through <temp_dir>/ray_current_cluster, which `ray start`
+    # writes and Cluster does not; without it Ray falls back to any GCS process on the machine, and
+    # the job's driver joined the session's other local Ray (whose GCS lacks the job's package).
+    ray._private.utils.write_ray_address(cluster.gcs_address, temp_dir)
     try:
         cluster.add_node(node_ip_address="127.0.0.1", num_cpus=1, object_store_memory=300 * 2**20, **own_ports())
         address = f"http://127.0.0.1:{dashboard}"
