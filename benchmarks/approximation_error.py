@@ -42,7 +42,8 @@ def make_inputs(seq_len: int, head_dim: int, heads: int, seed: int, ppsbn: bool)
     generator = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(1, heads, seq_len, head_dim, generator=generator) for _ in range(3))
     if ppsbn:
-        pre = PreSBN(heads, head_dim, max_temperature=1.0, learnable=False)  # default t = head_dim^-1/2
+        # the paper's scale, t = head_dim^-1/2
+        pre = PreSBN(heads, max_temperature=1.0, initial_temperature=head_dim**-0.5, learnable=False)
         return pre(q), pre(k), v
     return q * head_dim**-0.25, k * head_dim**-0.25, v
 
@@ -88,7 +89,7 @@ def softmax_estimator_rows(args: argparse.Namespace, seq_len: int) -> list[dict]
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, args.heads, seq_len, args.head_dim, generator=generator) for _ in range(3))
     scale = args.head_dim**-0.25
-    pre = PreSBN(args.heads, args.head_dim, max_temperature=2.0, learnable=False)
+    pre = PreSBN(args.heads, max_temperature=2.0, initial_temperature=args.head_dim**-0.5, learnable=False)
     settings = [
         ("rfa", "l2", "trigrf", "gaussian", F.normalize(q, dim=-1), F.normalize(k, dim=-1)),
         ("favor", "d^-1/4", "posrf", "orthogonal", q * scale, k * scale),

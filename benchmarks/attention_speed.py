@@ -64,7 +64,7 @@ def performer_attention(head_dim: int, num_features: int, causal: bool) -> Atten
 def methods(kernels: list[str], dims: list[int], head_dim: int, heads: int, causal: bool,
             device: torch.device) -> dict[str, Attention]:
     """name -> attention(q, k, v) with its own scaling of q and k, all built once, on `device`."""
-    pre_sbn = PreSBN(heads, head_dim, max_temperature=2.0, learnable=False).to(device)
+    pre_sbn = PreSBN(heads, max_temperature=2.0, initial_temperature=1.0, learnable=False).to(device)
     scale = head_dim**-0.25
     found: dict[str, Attention] = {"softmax": lambda q, k, v: softmax_attention(q, k, v, causal)}
 

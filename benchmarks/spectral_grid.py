@@ -40,7 +40,7 @@ def inputs(kind: str, seq_len: int, heads: int, head_dim: int, temperature: floa
     generator = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(1, heads, seq_len, head_dim, generator=generator, device=device) for _ in range(3))
     if kind == "ppSBN":
-        pre = PreSBN(heads, head_dim, max_temperature=2 * temperature, learnable=False,
+        pre = PreSBN(heads, max_temperature=2 * temperature, learnable=False,
                      initial_temperature=temperature).to(device)
         return pre(q), pre(k), v
     return q * head_dim**-0.25, k * head_dim**-0.25, v

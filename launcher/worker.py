@@ -92,11 +92,11 @@ def _evaluate(engine, batches: list[dict[str, torch.Tensor]], task: str) -> dict
         # Attention error against exact attention on a fixed batch (every rank: ZeRO-3 gathers together).
         first = {k: v.to(engine.device) for k, v in batches[0].items()}
         trunk = engine.module.model if task == "causal_lm" else engine.module.encoder
-        approximation_error = trunk.attention_approximation_error(first["input_ids"], first.get("attention_mask"))
+        health = trunk.attention_health(first["input_ids"], first.get("attention_mask"))
     engine.train()
     dist.all_reduce(totals)
     loss = float(totals[0] / totals[2].clamp_min(1))
-    metrics = {"eval_loss": loss, "attention_approx_error": approximation_error}
+    metrics = {"eval_loss": loss, **health}
     if task == "causal_lm":
         metrics["eval_perplexity"] = math.exp(min(loss, 50.0))
     else:
@@ -168,8 +168,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     model = model_class(model_config)
     if config.activation_checkpointing:
         (model.model if config.task == "causal_lm" else model.encoder).enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, eps=config.adam_eps,
-                                  weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(model.optimizer_groups(config.learning_rate, config.weight_decay),
+                                  eps=config.adam_eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, world_size)

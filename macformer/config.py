@@ -9,6 +9,7 @@ from typing import Any
 
 from macformer.features.spectral import COMPONENTS, LEARNED_WEIGHTS, WEIGHTS, gerf_parameters
 from macformer.kernels import KERNELS, get_kernel
+from macformer.ppsbn import TEMPERATURE_LR_SCALE, temperature_defaults
 
 ATTENTIONS = ("softmax", "rmfa", "rfa", "favor", "random_features", "kernel")
 FEATURE_ATTENTIONS = ("rmfa", "rfa", "favor", "random_features")
@@ -18,9 +19,6 @@ SPECTRAL_ATTENTIONS = {"rfa": ("trigrf", "gaussian"), "favor": ("posrf", "orthog
 # Attentions whose published form normalises q, k with ppSBN (the Macformer paper's RMFA).
 PPSBN_BY_DEFAULT = ("rmfa", "kernel")
 POOLINGS = ("mean", "cls")
-# Bound on |q . k| under ppSBN for kernels with an infinite radius (exp, trigh): large enough for
-# sharp attention (weights up to e^4 apart), small enough to keep the feature variance moderate.
-DEFAULT_EXP_MAX_TEMPERATURE = 2.0
 
 
 def _fail(name: str, value: Any, expected: str) -> None:
@@ -55,8 +53,12 @@ class MacformerConfig:
     None (default) resolves to the attention's published form: on for rmfa and kernel (Macformer's),
     off for softmax, rfa, favor and random_features (whose papers do not use it; its bounded temperature
     also keeps their attention flat early in training: benchmarks/RESULTS.md, quality at equal steps).
-    ppsbn_max_temperature: bound on |q . k| after preSBN (default: 0.99 / sqrt(p) for radius-1
-    kernels, where the RMFA variance is finite; 2.0 for exp/trigh).
+    ppsbn_max_temperature, ppsbn_initial_temperature: bound on |q . k| after preSBN and its starting
+    value (default: macformer.ppsbn.temperature_defaults: bound 2 for exp/trigh and the softmax
+    estimators, 0.95 / sqrt(3 p) for radius-1 kernels, where every pair's RMFA variance is finite;
+    start at half the bound). ppsbn_temperature_lr_scale: learning-rate multiplier of the temperature
+    (applied by PreTrainedMacformer.optimizer_groups). The resolved values are stored, so a saved
+    config names what it used.
     causal: causal attention (language modelling); chunk_size: tokens per chunk of causal feature attention.
     """
 
@@ -79,6 +81,8 @@ class MacformerConfig:
     ppsbn: bool | None = None
     ppsbn_learnable_temperature: bool = True
     ppsbn_max_temperature: float | None = None
+    ppsbn_initial_temperature: float | None = None
+    ppsbn_temperature_lr_scale: float = TEMPERATURE_LR_SCALE
     rfa_gate: bool = False
     rfa_learned_sigma: bool = False
     component: str | None = None
@@ -133,20 +137,35 @@ class MacformerConfig:
             _fail("rfa_gate", self.rfa_gate, "False unless attention='rfa' and causal=True (a recency gate)")
         if self.rfa_learned_sigma and self.attention != "rfa":
             _fail("rfa_learned_sigma", self.rfa_learned_sigma, "False unless attention='rfa'")
-        uses_kernel = self.attention in ("rmfa", "kernel")
-        if uses_kernel and math.isfinite(kernel.radius) and not self.ppsbn:
-            _fail("ppsbn", self.ppsbn, f"True: the {kernel.name} kernel converges only for |q.k| < "
-                  f"{kernel.radius}, which ppSBN guarantees")
-        if self.ppsbn_max_temperature is not None:
-            bound = self.ppsbn_max_temperature
-            if not (isinstance(bound, (int, float)) and bound > 0 and (not uses_kernel or bound < kernel.radius)):
-                _fail("ppsbn_max_temperature", bound, f"a positive number below the kernel's radius {kernel.radius}")
+        self._resolve_temperature(kernel)
         if self.pooling not in POOLINGS:
             _fail("pooling", self.pooling, f"one of {', '.join(POOLINGS)}")
         if self.dual_encoder and self.num_classes is None:
             _fail("dual_encoder", self.dual_encoder, "False unless num_classes is set (retrieval classifier)")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             _fail("seed", self.seed, "an integer")
+
+    def _resolve_temperature(self, kernel) -> None:
+        uses_kernel = self.attention in ("rmfa", "kernel")
+        radius = kernel.radius if uses_kernel else math.inf
+        if uses_kernel and math.isfinite(radius) and not self.ppsbn:
+            _fail("ppsbn", self.ppsbn, f"True: the {kernel.name} kernel converges only for |q.k| < "
+                  f"{radius}, which ppSBN guarantees")
+        if not (isinstance(self.ppsbn_temperature_lr_scale, (int, float)) and self.ppsbn_temperature_lr_scale > 0):
+            _fail("ppsbn_temperature_lr_scale", self.ppsbn_temperature_lr_scale, "a positive number")
+        if not self.ppsbn:
+            return
+        bound = self.ppsbn_max_temperature
+        if bound is None:
+            bound = temperature_defaults(radius, self.p)[1]
+            object.__setattr__(self, "ppsbn_max_temperature", bound)
+        if not (isinstance(bound, (int, float)) and 0 < bound < radius):
+            _fail("ppsbn_max_temperature", bound, f"a positive number below the kernel's radius {radius}")
+        if self.ppsbn_initial_temperature is None:
+            object.__setattr__(self, "ppsbn_initial_temperature", bound / 2)
+        initial = self.ppsbn_initial_temperature
+        if not (isinstance(initial, (int, float)) and 0 < initial < bound):
+            _fail("ppsbn_initial_temperature", initial, f"a number in (0, ppsbn_max_temperature={bound})")
 
     def _check_spectral_pair(self) -> None:
         if self.attention not in SPECTRAL_ATTENTIONS:
@@ -192,15 +211,6 @@ class MacformerConfig:
             return f"{self.attention}-{self.component}-{self.weights}"
         return self.attention
 
-    def resolved_max_temperature(self) -> float:
-        if self.ppsbn_max_temperature is not None:
-            return float(self.ppsbn_max_temperature)
-        radius = get_kernel(self.kernel).radius if self.attention in ("rmfa", "kernel") else math.inf
-        if math.isfinite(radius):
-            # RMFA's variance sum_n a_n^2 p^n t^2n converges only for t < radius / sqrt(p).
-            return 0.99 * radius / math.sqrt(self.p)
-        return DEFAULT_EXP_MAX_TEMPERATURE
-
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         if isinstance(self.kernel, tuple):
@@ -217,3 +227,21 @@ class MacformerConfig:
                 f"MacformerConfig: unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
             )
         return cls(**data)
+
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> MacformerConfig:
+        """A config read back from a saved model. Configs saved before the temperature scheme (no
+        ppsbn_initial_temperature key) left the bound unresolved and meant: 2.0 for infinite-radius
+        kernels, 0.99 radius / sqrt(p) otherwise, starting at min(head_dim^-1/2, bound / 2), with no
+        learning-rate multiplier; they are resolved so, and their models reproduce their outputs."""
+        if "ppsbn_initial_temperature" in data:
+            return cls.from_dict(data)
+        config = cls.from_dict({**data, "ppsbn_temperature_lr_scale": 1.0})
+        if not config.ppsbn:
+            return config
+        bound = data.get("ppsbn_max_temperature")
+        if bound is None:
+            radius = get_kernel(config.kernel).radius if config.attention in ("rmfa", "kernel") else math.inf
+            bound = 0.99 * radius / math.sqrt(config.p) if math.isfinite(radius) else 2.0
+        return dataclasses.replace(config, ppsbn_max_temperature=bound,
+                                   ppsbn_initial_temperature=min(config.head_dim**-0.5, bound / 2))

@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from macformer.attention import causal_feature_attention, feature_attention, kernel_attention, softmax_attention
+from macformer.attention import (
+    causal_feature_attention,
+    feature_attention,
+    kernel_attention,
+    kernel_attention_weights,
+    softmax_attention,
+    stabilised_rows,
+)
 from macformer.config import FEATURE_ATTENTIONS, MacformerConfig
 from macformer.features import FeatureMap, RandomMaclaurinFeatures, SpectralFeatures
 from macformer.ppsbn import PostSBN, PreSBN
@@ -53,7 +60,7 @@ class MacformerAttention(nn.Module):
         self.pre_sbn = self.post_sbn = None
         if config.ppsbn:
             self.pre_sbn = PreSBN(
-                config.num_heads, config.head_dim, config.resolved_max_temperature(),
+                config.num_heads, config.ppsbn_max_temperature, config.ppsbn_initial_temperature,
                 learnable=config.ppsbn_learnable_temperature,
             )
             self.post_sbn = PostSBN(config.d_model)
@@ -78,21 +85,58 @@ class MacformerAttention(nn.Module):
         q, k, v = self.qkv(x).view(batch, length, 3, config.num_heads, config.head_dim).permute(2, 0, 3, 1, 4)
         return self._scale(q), self._scale(k), v
 
-    @torch.no_grad()
-    def approximation_error(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> float:
-        """Relative Frobenius error of this layer's random-feature attention against the exact
-        attention it estimates (kernel attention of `kernel` for rmfa, of exp(sigma^2 q . k) for the
-        spectral maps), on the same q, k, v. 0 for exact mechanisms."""
-        if self.feature_map is None:
-            return 0.0
-        q, k, v = (t.float() for t in self._project(x))
-        approx = feature_attention(q, k, v, self.feature_map, self.config.causal, key_padding_mask)
-        kernel = self.config.kernel if self.config.attention == "rmfa" else "exp"
+    def _exact_reference(self, q: torch.Tensor, k: torch.Tensor) -> tuple[str | tuple[float, ...], torch.Tensor,
+                                                                             torch.Tensor]:
+        """(kernel, q, k) of the exact attention this layer computes or estimates: its kernel for rmfa
+        and kernel attention; exp for softmax (q, k are already scaled) and for the spectral maps,
+        which estimate exp(sigma^2 q . k)."""
+        if self.config.attention in ("rmfa", "kernel"):
+            return self.config.kernel, q, k
         if isinstance(self.feature_map, SpectralFeatures):
             sigma = self.feature_map.bandwidth().float()
-            q, k = q * sigma, k * sigma
-        exact = kernel_attention(q, k, v, kernel, self.config.causal, key_padding_mask)
-        return float((approx - exact).norm() / exact.norm().clamp_min(torch.finfo(exact.dtype).tiny))
+            return "exp", q * sigma, k * sigma
+        return "exp", q, k
+
+    @torch.no_grad()
+    def health(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> dict[str, float]:
+        """How sharp this layer's attention is and how well its features estimate it, on input x
+        (quadratic in length: for an evaluation batch). Keys:
+        temperature (mean over heads) and temperature_head{h} under ppSBN; entropy: mean entropy of
+        the exact attention rows divided by log(visible keys), 1 = uniform, 0 = one key; max_abs_qk:
+        largest |q . k| between real tokens; for feature attention, approx_error (relative Frobenius
+        error of the output against the exact attention) and stabilised_rows (fraction of rows whose
+        denominator the stabiliser replaced)."""
+        config = self.config
+        q, k, v = (t.float() for t in self._project(x))
+        real = None if key_padding_mask is None else (~key_padding_mask.bool())[:, None, :].float()
+        scores = (q @ k.transpose(-1, -2)).abs()
+        if real is not None:
+            scores = scores * real[..., :, None] * real[..., None, :]
+        metrics = {"max_abs_qk": float(scores.amax())}
+        if self.pre_sbn is not None:
+            temperatures = self.pre_sbn.temperature().flatten().tolist()
+            metrics["temperature"] = sum(temperatures) / len(temperatures)
+            metrics.update({f"temperature_head{h}": t for h, t in enumerate(temperatures)})
+        kernel, exact_q, exact_k = self._exact_reference(q, k)
+        weights = kernel_attention_weights(exact_q, exact_k, kernel, config.causal, key_padding_mask)
+        visible = (weights > 0).sum(-1)
+        row_entropy = -(weights * weights.clamp_min(torch.finfo(weights.dtype).tiny).log()).sum(-1)
+        counted = visible > 1
+        if real is not None:
+            counted = counted & real.bool()
+        normalised = row_entropy[counted] / visible[counted].float().log()
+        metrics["entropy"] = float(normalised.mean()) if normalised.numel() else 0.0
+        if self.feature_map is not None:
+            approx = feature_attention(q, k, v, self.feature_map, config.causal, key_padding_mask)
+            exact = weights @ v
+            tiny = torch.finfo(exact.dtype).tiny
+            metrics["approx_error"] = float((approx - exact).norm() / exact.norm().clamp_min(tiny))
+            query_features = self.feature_map(q, is_query=True)
+            stabilised = stabilised_rows(query_features, self.feature_map(k), config.causal, key_padding_mask)
+            if real is not None:
+                stabilised = stabilised[real.bool().expand_as(stabilised)]
+            metrics["stabilised_rows"] = float(stabilised.float().mean())
+        return metrics
 
     def forward(
         self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, cache: LayerCache | None = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,8 @@ def _padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class PreTrainedMacformer(nn.Module):
-    """Construction from a validated config, weight init, and safetensors save/load."""
+    """Construction from a validated config, weight init, optimizer parameter groups, and
+    safetensors save/load."""
 
     def __init__(self, config: MacformerConfig) -> None:
         super().__init__()
@@ -49,6 +51,20 @@ class PreTrainedMacformer(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    def optimizer_groups(self, learning_rate: float, weight_decay: float) -> list[dict[str, Any]]:
+        """Parameter groups for a torch optimizer: every parameter at `learning_rate` with
+        `weight_decay`, except ppSBN's temperature logits, which train at
+        config.ppsbn_temperature_lr_scale times the rate and without decay (decay would pull every
+        temperature towards half its bound; see macformer.ppsbn)."""
+        temperatures = [p for name, p in self.named_parameters() if name.endswith("temperature_logit")]
+        chosen = {id(p) for p in temperatures}
+        groups = [{"params": [p for p in self.parameters() if id(p) not in chosen], "lr": learning_rate,
+                   "weight_decay": weight_decay}]
+        if temperatures:
+            groups.append({"params": temperatures, "lr": learning_rate * self.config.ppsbn_temperature_lr_scale,
+                           "weight_decay": 0.0})
+        return groups
 
     def save_pretrained(self, directory: str | Path) -> Path:
         directory = Path(directory)
@@ -68,7 +84,7 @@ class PreTrainedMacformer(nn.Module):
         payload = json.loads(config_path.read_text())
         if payload.get("model_type") != cls.__name__:
             raise ValueError(f"{directory} holds a {payload.get('model_type')}, not a {cls.__name__}")
-        model = cls(MacformerConfig.from_dict(payload["config"]))
+        model = cls(MacformerConfig.from_saved(payload["config"]))
         load_model(model, str(weights_path), device=str(device))
         return model.to(device)
 
@@ -131,15 +147,16 @@ class MacformerModel(PreTrainedMacformer):
 
 
     @torch.no_grad()
-    def attention_approximation_error(
+    def attention_health(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> float:
-        """Mean over layers of each attention's relative error against the exact attention its
-        random features estimate, on the hidden states this input produces (0 for exact attention)."""
-        errors: list[float] = []
+    ) -> dict[str, float]:
+        """Every layer's attention diagnostics (MacformerAttention.health) on the hidden states this
+        input produces, as attention/layer{i}/{name}, plus the mean over layers of each as
+        attention_{name} (attention_approx_error: 0 for exact attention)."""
+        per_layer: list[dict[str, float]] = []
 
         def measure(module: nn.Module, args: tuple) -> None:
-            errors.append(module.approximation_error(args[0], args[1] if len(args) > 1 else None))
+            per_layer.append(module.health(args[0], args[1] if len(args) > 1 else None))
 
         hooks = [block.attention.register_forward_pre_hook(measure) for block in self.blocks]
         try:
@@ -147,7 +164,13 @@ class MacformerModel(PreTrainedMacformer):
         finally:
             for hook in hooks:
                 hook.remove()
-        return sum(errors) / len(errors)
+        metrics = {f"attention/layer{i}/{name}": value for i, layer in enumerate(per_layer)
+                   for name, value in layer.items()}
+        for name in ("temperature", "entropy", "max_abs_qk", "approx_error", "stabilised_rows"):
+            values = [layer[name] for layer in per_layer if name in layer]
+            if values or name == "approx_error":
+                metrics[f"attention_{name}"] = sum(values) / len(values) if values else 0.0
+        return metrics
 
 
 class MacformerForSequenceClassification(PreTrainedMacformer):

@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -185,7 +186,71 @@ def test_config_round_trips_and_rejects_unknown_fields() -> None:
     assert MacformerConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match=r"unknown field.*num_feature"):
         MacformerConfig.from_dict({"num_feature": 64})
-    assert MacformerConfig(kernel="inverse").resolved_max_temperature() == pytest.approx(0.99 / 2**0.5)
+
+
+@pytest.mark.parametrize(("attention", "kernel", "bound"), [
+    ("rmfa", "exp", 2.0), ("kernel", "trigh", 2.0), ("rmfa", "inverse", 0.95 / 6**0.5), ("rmfa", "log", 0.95 / 6**0.5),
+    ("kernel", "sqrt", 0.95 / 6**0.5), ("softmax", "exp", None), ("favor", "exp", None),
+])
+def test_temperature_defaults_are_resolved_and_stored(attention: str, kernel: str, bound: float | None) -> None:
+    config = MacformerConfig(attention=attention, kernel=kernel)
+    saved = config.to_dict()
+    if bound is None:  # no ppSBN: nothing to resolve
+        assert saved["ppsbn_max_temperature"] is None and saved["ppsbn_initial_temperature"] is None
+        return
+    assert saved["ppsbn_max_temperature"] == pytest.approx(bound)
+    assert saved["ppsbn_initial_temperature"] == pytest.approx(bound / 2)
+    assert MacformerConfig.from_saved(saved) == config
+    pre = MacformerModel(config).blocks[0].attention.pre_sbn
+    torch.testing.assert_close(pre.temperature().flatten(), torch.full((2,), bound / 2))
+    # finite variance for every pair, q = k included: 3 p t^2 < 1 at the bound
+    if kernel in ("inverse", "log", "sqrt"):
+        assert 3 * config.p * bound**2 < 1
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"ppsbn_initial_temperature": 2.5}, r"ppsbn_initial_temperature: expected a number in \(0, ppsbn_max_temp"),
+    ({"ppsbn_initial_temperature": 0.0}, "ppsbn_initial_temperature"),
+    ({"ppsbn_temperature_lr_scale": 0}, "ppsbn_temperature_lr_scale: expected a positive number"),
+    ({"kernel": "inverse", "ppsbn_max_temperature": 1.0}, "below the kernel's radius 1.0"),
+])
+def test_config_rejects_bad_temperatures(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        MacformerConfig(**kwargs)
+
+
+def test_models_saved_before_the_temperature_scheme_load_and_reproduce(tmp_path) -> None:
+    # A model saved by the earlier code: its config.json has no ppsbn_initial_temperature or lr scale,
+    # and an unresolved bound that meant 0.99 / sqrt(p) for inverse (2.0 for exp).
+    for kernel, legacy_bound in (("inverse", 0.99 / 2**0.5), ("exp", 2.0)):
+        legacy = MacformerConfig(attention="rmfa", kernel=kernel, causal=True, vocab_size=VOCAB, d_model=32,
+                                 num_features=48, ppsbn_max_temperature=legacy_bound,
+                                 ppsbn_initial_temperature=min(16**-0.5, legacy_bound / 2))
+        model = MacformerForCausalLM(legacy).eval()
+        with torch.no_grad():
+            model.model.blocks[0].attention.pre_sbn.temperature_logit.add_(0.3)  # trained away from its start
+        model.save_pretrained(tmp_path / kernel)
+        payload = json.loads((tmp_path / kernel / "config.json").read_text())
+        for key in ("ppsbn_initial_temperature", "ppsbn_temperature_lr_scale"):
+            del payload["config"][key]
+        payload["config"]["ppsbn_max_temperature"] = None
+        (tmp_path / kernel / "config.json").write_text(json.dumps(payload))
+        loaded = MacformerForCausalLM.from_pretrained(tmp_path / kernel).eval()
+        assert loaded.config.ppsbn_max_temperature == pytest.approx(legacy_bound)
+        assert loaded.config.ppsbn_temperature_lr_scale == 1.0
+        tokens = torch.randint(0, VOCAB, (2, 20))
+        torch.testing.assert_close(loaded(tokens).logits, model(tokens).logits)
+
+
+def test_optimizer_groups_give_the_temperature_its_own_rate_and_no_decay() -> None:
+    model = _lm("rmfa", num_layers=3)
+    groups = model.optimizer_groups(learning_rate=1e-3, weight_decay=0.1)
+    main, temperature = groups
+    assert len(temperature["params"]) == 3 and temperature["weight_decay"] == 0.0
+    assert temperature["lr"] == pytest.approx(1e-3 * model.config.ppsbn_temperature_lr_scale)
+    assert main["lr"] == 1e-3 and main["weight_decay"] == 0.1
+    assert len(main["params"]) + 3 == len(list(model.parameters()))
+    assert len(_lm("softmax").optimizer_groups(1e-3, 0.1)) == 1
 
 
 def test_models_reject_mismatched_configs_and_inputs() -> None:
@@ -208,7 +273,7 @@ def test_attention_approximation_error_falls_with_more_features(attention: str, 
     errors = []
     for num_features in (48, 2048):
         model = _lm(attention, num_features=num_features, **overrides).eval()
-        errors.append(model.model.attention_approximation_error(tokens))
+        errors.append(model.model.attention_health(tokens)["attention_approx_error"])
     if attention == "softmax":
         assert errors == [0.0, 0.0]
     else:
@@ -226,3 +291,50 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
         model(tokens, labels=tokens).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def _set_temperature(model: MacformerForCausalLM, temperature: float) -> None:
+    for block in model.model.blocks:
+        pre = block.attention.pre_sbn
+        fraction = temperature / pre.max_temperature
+        with torch.no_grad():
+            pre.temperature_logit.fill_(math.log(fraction / (1 - fraction)))
+
+
+def test_attention_health_measures_sharpness_and_the_estimate() -> None:
+    model = _lm("rmfa", num_features=256, ppsbn_max_temperature=2.0).eval()
+    tokens = torch.randint(0, VOCAB, (2, 30))
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[1, 20:] = 0
+    _set_temperature(model, 1.5)
+    health = model.model.attention_health(tokens, mask)
+    attention = model.model.blocks[0].attention
+    x = model.model.position_embedding(torch.arange(30)) + model.model.token_embedding(tokens)
+    with torch.no_grad():
+        q, k, _ = attention._project(model.model.blocks[0].attention_norm(x))
+    weights = torch.softmax((q @ k.transpose(-1, -2)).masked_fill(torch.ones(30, 30).triu(1).bool(), -math.inf), -1)
+    entropy = -(weights * weights.clamp_min(1e-30).log()).sum(-1)[..., 1:] / torch.arange(2, 31).float().log()
+    real = mask[:, None, 1:].bool().expand_as(entropy)
+    assert health["attention/layer0/entropy"] == pytest.approx(float(entropy[real].mean()), rel=1e-4)
+    assert health["attention/layer0/temperature"] == pytest.approx(1.5, rel=1e-5)
+    assert health["attention/layer0/temperature_head1"] == pytest.approx(1.5, rel=1e-5)
+    assert 0 < health["attention/layer0/max_abs_qk"] <= 1.5 + 1e-5
+    assert 0 < health["attention_approx_error"] < 1 and 0 <= health["attention_stabilised_rows"] <= 1
+    _set_temperature(model, 0.05)
+    flat = model.model.attention_health(tokens, mask)
+    assert flat["attention_entropy"] > 0.999 > health["attention_entropy"]
+    assert flat["attention_approx_error"] < health["attention_approx_error"]
+    exact = _lm("kernel").eval().model.attention_health(tokens)
+    assert exact["attention_approx_error"] == 0.0 and "attention_stabilised_rows" not in exact
+    assert "attention_temperature" not in _lm("softmax").eval().model.attention_health(tokens)
+
+
+def test_stabilised_rows_flags_exactly_the_floored_denominators() -> None:
+    from macformer.attention import stabilised_rows
+
+    query = torch.tensor([[[[1.0, 0.0], [1.0, 0.0], [0.0, 0.0]]]])
+    keys = torch.tensor([[[[1.0, 0.0], [-1.0, 0.001], [0.5, 0.5]]]])
+    # row 0 sees key 0 only (den 1); row 1 sees keys 0, 1 (den 0: floored); row 2 has phi(q) = 0
+    # (den 0 = floor 0: not replaced).
+    rows = stabilised_rows(query, keys, causal=True)
+    assert rows.tolist() == [[[False, True, False]]]

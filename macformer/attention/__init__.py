@@ -3,8 +3,10 @@
 - `feature_attention`: random-feature attention, O(n D d) (non-causal, chunked causal, gated).
 - `causal_feature_attention`: causal feature attention that carries its O(D d) state (prefill, decoding).
 - `causal_linear_attention` / `recurrent_step`: the chunked and recurrent causal forms on features.
-- `kernel_attention`: exact kernelized attention, the ground truth that features approximate.
-- `naive_feature_attention`: feature attention through the explicit n x n matrix (test reference).
+- `kernel_attention`: exact kernelized attention, the ground truth that features approximate
+  (`kernel_attention_weights`: its normalised n x n matrix).
+- `naive_feature_attention`: feature attention through the explicit n x n matrix (test reference);
+  `stabilised_rows`: where its denominator stabiliser acts (a diagnostic).
 - `softmax_attention`: PyTorch SDPA.
 """
 
@@ -17,7 +19,12 @@ from macformer.attention.linear import (
     noncausal_linear_attention,
     recurrent_step,
 )
-from macformer.attention.naive import kernel_attention, naive_feature_attention
+from macformer.attention.naive import (
+    kernel_attention,
+    kernel_attention_weights,
+    naive_feature_attention,
+    stabilised_rows,
+)
 from macformer.attention.softmax import softmax_attention
 
 __all__ = [
@@ -27,8 +34,10 @@ __all__ = [
     "causal_linear_attention",
     "feature_attention",
     "kernel_attention",
+    "kernel_attention_weights",
     "naive_feature_attention",
     "noncausal_linear_attention",
     "recurrent_step",
     "softmax_attention",
+    "stabilised_rows",
 ]

@@ -51,6 +51,14 @@ def log_gate_of(gate: torch.Tensor | None, key_padding_mask: torch.Tensor | None
     return log_gate
 
 
+def denominator_floor(query_features: torch.Tensor, key_feature_sums: torch.Tensor,
+                      eps: float = DENOMINATOR_EPS) -> torch.Tensor:
+    """eps * |phi(q_i)| * |z_i| per row [..., n] (no gradient): the stabiliser's floor."""
+    with torch.no_grad():  # the floor is a guard, not part of the model: no gradient through it
+        scale = query_features.norm(dim=-1) * key_feature_sums.norm(dim=-1)
+        return (eps * scale).clamp_min(torch.finfo(query_features.dtype).tiny)
+
+
 def stabilised_ratio(
     numerator: torch.Tensor,
     denominator: torch.Tensor,
@@ -62,7 +70,5 @@ def stabilised_ratio(
 
     query_features: [..., n, D]; key_feature_sums: z_i as [..., n, D], or [..., 1, D] when shared.
     """
-    with torch.no_grad():  # the floor is a guard, not part of the model: no gradient through it
-        scale = query_features.norm(dim=-1) * key_feature_sums.norm(dim=-1)
-        floor = (eps * scale).clamp_min(torch.finfo(denominator.dtype).tiny)
+    floor = denominator_floor(query_features, key_feature_sums, eps).to(denominator.dtype)
     return numerator / torch.maximum(denominator, floor).unsqueeze(-1)

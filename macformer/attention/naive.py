@@ -7,7 +7,14 @@ import math
 
 import torch
 
-from macformer.attention.common import DENOMINATOR_EPS, check_qkv, key_keep, log_gate_of, stabilised_ratio
+from macformer.attention.common import (
+    DENOMINATOR_EPS,
+    check_qkv,
+    denominator_floor,
+    key_keep,
+    log_gate_of,
+    stabilised_ratio,
+)
 from macformer.kernels import DotProductKernel, get_kernel
 
 
@@ -29,6 +36,30 @@ def _pair_weights(
     return weights
 
 
+def kernel_attention_weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    kernel: str | DotProductKernel = "exp",
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The exact attention matrix [b, h, n_q, n_k]: f(q_i . k_j) over the visible keys, each row
+    normalised to sum 1 (rows with no visible key are 0). No scaling is applied to q . k.
+
+    Raises if some |q . k| reaches the kernel's radius of convergence.
+    """
+    kernel = get_kernel(kernel)
+    scores = q @ k.transpose(-1, -2)
+    if math.isfinite(kernel.radius) and bool((scores.abs() >= kernel.radius).any()):
+        raise ValueError(
+            f"|q . k| reaches {scores.abs().max().item():.3g}, outside the {kernel.name} kernel's radius "
+            f"of convergence {kernel.radius}; normalise q and k first (ppSBN)"
+        )
+    weights = _pair_weights(q.shape[2], k.shape[2], causal, key_keep(key_padding_mask, k), None, scores)
+    values = kernel.fn(scores) * weights
+    return values / values.sum(-1, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
+
+
 def kernel_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -43,16 +74,20 @@ def kernel_attention(
     Rows with no visible key give 0. Raises if some |q . k| reaches the kernel's radius of convergence.
     """
     check_qkv(q, k, v)
-    kernel = get_kernel(kernel)
-    scores = q @ k.transpose(-1, -2)
-    if math.isfinite(kernel.radius) and bool((scores.abs() >= kernel.radius).any()):
-        raise ValueError(
-            f"|q . k| reaches {scores.abs().max().item():.3g}, outside the {kernel.name} kernel's radius "
-            f"of convergence {kernel.radius}; normalise q and k first (ppSBN)"
-        )
-    weights = _pair_weights(q.shape[2], k.shape[2], causal, key_keep(key_padding_mask, k), None, scores)
-    values = kernel.fn(scores) * weights
-    return values @ v / values.sum(-1, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
+    return kernel_attention_weights(q, k, kernel, causal, key_padding_mask) @ v
+
+
+def _explicit_sums(
+    query_features: torch.Tensor, key_features: torch.Tensor, causal: bool,
+    key_padding_mask: torch.Tensor | None, gate: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The masked, gated [n, n] matrix phi(Q) phi(K)^T and every row's key-feature sum z_i."""
+    log_gate = log_gate_of(gate, key_padding_mask)
+    weights = _pair_weights(
+        query_features.shape[2], key_features.shape[2], causal,
+        key_keep(key_padding_mask, key_features), log_gate, query_features,
+    )
+    return query_features @ key_features.transpose(-1, -2) * weights, weights @ key_features
 
 
 def naive_feature_attention(
@@ -66,11 +101,20 @@ def naive_feature_attention(
 ) -> torch.Tensor:
     """Feature attention through the explicit [n, n] matrix phi(Q) phi(K)^T (masked, gated): the
     reference for `feature_attention`. Inputs are features [b, h, n, D] and values [b, h, n, dv]."""
-    log_gate = log_gate_of(gate, key_padding_mask)
-    weights = _pair_weights(
-        query_features.shape[2], key_features.shape[2], causal,
-        key_keep(key_padding_mask, key_features), log_gate, query_features,
-    )
-    scores = query_features @ key_features.transpose(-1, -2) * weights
-    key_sums = weights @ key_features
+    scores, key_sums = _explicit_sums(query_features, key_features, causal, key_padding_mask, gate)
     return stabilised_ratio(scores @ v, scores.sum(-1), query_features, key_sums, eps)
+
+
+def stabilised_rows(
+    query_features: torch.Tensor,
+    key_features: torch.Tensor,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    eps: float = DENOMINATOR_EPS,
+) -> torch.Tensor:
+    """[b, h, n] True where the denominator stabiliser replaces the estimated denominator: rows whose
+    estimate falls below eps * |phi(q_i)| |z_i| > 0 (a health diagnostic; rows with phi(q_i) = 0 or
+    no visible key give 0 either way and are not counted)."""
+    scores, key_sums = _explicit_sums(query_features, key_features, causal, key_padding_mask, None)
+    floor = denominator_floor(query_features, key_sums, eps)
+    return (scores.sum(-1) < floor) & (query_features.norm(dim=-1) * key_sums.norm(dim=-1) > 0)
