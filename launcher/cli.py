@@ -249,7 +249,8 @@ def _run_generate(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
-BENCHMARKS = ("attention_speed", "approximation_error", "decoding", "training", "spectral_grid", "tokenization")
+BENCHMARKS = ("attention_speed", "approximation_error", "decoding", "training", "spectral_grid", "tokenization",
+              "sharp_attention", "maclaurin_estimators")
 
 
 def _add_bench(subparsers: argparse._SubParsersAction) -> None:

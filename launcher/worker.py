@@ -130,8 +130,9 @@ def _export(engine, model_class, config: TrainConfig, rank: int, tracker) -> Non
                 tracker.log_artifacts(Path(directory), EXPORT_DIR)
 
 
-def _log_curves(tracker) -> None:
-    """Training and evaluation loss over steps, as a plot artifact of the run."""
+def _log_curves(tracker, num_layers: int) -> None:
+    """Plot artifacts of the run: training and evaluation loss, and each layer's attention health
+    (ppSBN temperature, entropy of the exact attention: 1 = uniform) over steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,6 +149,22 @@ def _log_curves(tracker) -> None:
     axes.grid(alpha=0.3)
     figure.tight_layout()
     tracker.log_figure(figure, "plots/loss.png")
+    plt.close(figure)
+
+    figure, panels = plt.subplots(1, 2, figsize=(10, 4))
+    for panel, name, label in ((panels[0], "temperature", "ppSBN temperature (bound on |q.k|)"),
+                               (panels[1], "entropy", "attention entropy / log(keys)")):
+        for layer in range(num_layers):
+            points = tracker.history(f"attention/layer{layer}/{name}")
+            if points:
+                panel.plot(*zip(*points, strict=True), marker=".", label=f"layer {layer}")
+        panel.set_xlabel("step")
+        panel.set_ylabel(label)
+        panel.grid(alpha=0.3)
+        if panel.has_data():
+            panel.legend(fontsize=8)
+    figure.tight_layout()
+    tracker.log_figure(figure, "plots/attention.png")
     plt.close(figure)
 
 
@@ -240,5 +257,5 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             _save_checkpoint(engine, batches, step, tracker.run_id, {**metrics, "step": step}, rank)
     _export(engine, model_class, config, rank, tracker)
     if rank == 0:
-        _log_curves(tracker)
+        _log_curves(tracker, model_config.num_layers)
     tracker.finish()

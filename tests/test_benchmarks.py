@@ -165,3 +165,57 @@ def test_tokenization_at_a_tiny_size(tmp_path, local_ray) -> None:
     result = _json(tmp_path / "tokenization.json")
     assert len(result["rows"]) == 3 and len({r["tokens"] for r in result["rows"]}) == 1  # the same tokens
     assert (tmp_path / "tokenization.png").stat().st_size > 0
+
+
+def test_sharp_attention_at_a_tiny_size(tmp_path) -> None:
+    assert cli(["bench", "sharp_attention", "--steps", "4", "--eval-every", "2", "--seeds", "0", "1",
+                "--variants", "softmax", "rmfa-exp", "--listops-train", "64", "--listops-valid", "32",
+                "--lm-files", "40", "--lm-seq-len", "32", "--lm-valid-windows", "8", "--batch-size", "4",
+                "--output", str(tmp_path)]) == 0
+    result = _json(tmp_path / "sharp_attention.json")
+    rows = result["rows"]
+    assert {(r["task"], r["variant"], r["seed"]) for r in rows} == {
+        (t, v, s) for t in ("listops", "lm") for v in ("softmax", "rmfa-exp") for s in (0, 1)}
+    for row in rows:
+        assert [p["step"] for p in row["curve"]] == [2, 4]
+        if row["task"] == "listops":
+            assert 0 <= row["best"] <= 1 and row["best"] == max(p["metric"] for p in row["curve"])
+        else:  # byte-level perplexity starts near the vocabulary size
+            assert 50 < row["best"] < 400 and row["best"] == min(p["metric"] for p in row["curve"])
+        if row["variant"] == "rmfa-exp":  # starts at half its bound 2.0 and is recorded at every evaluation
+            assert 0.5 < row["final_temperature"] < 2.0 and row["final_approx_error"] > 0
+        else:
+            assert row["final_temperature"] is None and row["final_approx_error"] == 0
+    lm_softmax = [r["best"] for r in rows if (r["task"], r["variant"]) == ("lm", "softmax")]
+    lm_rmfa = [r["best"] for r in rows if (r["task"], r["variant"]) == ("lm", "rmfa-exp")]
+    assert result["summary"]["lm_rmfa-exp_vs_softmax"] == pytest.approx(sum(lm_rmfa) / sum(lm_softmax))
+    assert (tmp_path / "sharp_attention.png").stat().st_size > 0
+
+
+def test_maclaurin_estimators_at_a_tiny_size(tmp_path) -> None:
+    assert cli(["bench", "maclaurin_estimators", "--temperatures", "0.5", "2", "--dims", "48", "--seq-len", "32",
+                "--head-dim", "16", "--heads", "1", "--seeds", "2", "--output", str(tmp_path)]) == 0
+    rows = _json(tmp_path / "maclaurin_estimators.json")["rows"]
+    assert len(rows) == 2 * 2 * 4  # inputs x temperatures x estimators
+    for row in rows:
+        assert row["error"] > 0
+    for kind in ("isotropic", "clustered"):  # sharper attention, larger error
+        errors = {r["temperature"]: r["error"] for r in rows if (r["inputs"], r["estimator"]) == (kind, "kar-karnick")}
+        assert errors[2.0] > errors[0.5]
+
+
+@pytest.mark.parametrize("law_temperature", [0.5, 2.0])
+def test_maclaurin_candidate_estimators_are_unbiased(law_temperature: float) -> None:
+    from benchmarks.maclaurin_estimators import SampledDegreeFeatures, tuned_law
+    from macformer.kernels import get_kernel
+
+    x = torch.randn(8)
+    y = torch.randn(8)
+    x, y = x / x.norm(), 0.8 * y / y.norm()
+    exact = float(get_kernel("exp").fn(x @ y))
+    for structured in (False, True):
+        samples = torch.tensor([float(feature(x) @ feature(y)) for feature in (
+            SampledDegreeFeatures(8, 24, "exp", tuned_law("exp", law_temperature), structured, seed)
+            for seed in range(3000))])
+        error = samples.std() / len(samples) ** 0.5
+        assert abs(samples.mean() - exact) < 5 * error, (structured, samples.mean(), exact, error)

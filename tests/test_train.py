@@ -76,6 +76,13 @@ def test_lm_trains_with_zero2_bf16_and_is_tracked(tmp_path, lm_data, capsys) -> 
     assert (params["zero_stage"], params["precision"], params["world_size"]) == ("2", "bf16", "2")
     assert params["dataset_fingerprint"] and run.data.tags["git_commit"]
     assert 0 < run.data.metrics["attention_approx_error"] < 1
+    # Attention health: per layer and averaged, enough to tell from MLflow alone that attention is flat.
+    for layer in (0, 1):
+        assert 0 < run.data.metrics[f"attention/layer{layer}/temperature"] < float(params["ppsbn_max_temperature"])
+        assert 0 < run.data.metrics[f"attention/layer{layer}/entropy"] <= 1
+        assert 0 <= run.data.metrics[f"attention/layer{layer}/stabilised_rows"] <= 1
+        assert f"attention/layer{layer}/temperature_head1" in run.data.metrics
+        assert run.data.metrics[f"attention/layer{layer}/max_abs_qk"] > 0
     for name in ("eval_loss", "eval_perplexity", "tokens_per_s", "samples_per_s", "step_time_s", "learning_rate",
                  "peak_memory_mb"):
         assert name in run.data.metrics, name
@@ -91,7 +98,8 @@ def test_lm_trains_with_zero2_bf16_and_is_tracked(tmp_path, lm_data, capsys) -> 
                  str(lm_data / "tokenizer.model"), "--prompt", "def ", "--max-new-tokens", "8",
                  "--tracking-uri", config.tracking_uri]) == 0
     assert capsys.readouterr().out.startswith("def ")
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/loss.png"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/attention.png",
+                                                                                  "plots/loss.png"]
     assert {a.path for a in client.list_artifacts(run.info.run_id, "config")} == {
         "config/train.json", "config/model.json", "config/deepspeed.json"}
 
@@ -233,4 +241,7 @@ def test_sweep_makes_child_runs_and_compare_prints_them(tmp_path, lm_data, capsy
                  "--plots", str(tmp_path / "plots")]) == 0
     table = capsys.readouterr().out
     assert "| two-0 | rmfa-exp | 40 |" in table and "| two-1 | rmfa-exp | 80 |" in table
+    header = table.splitlines()[0].split(" | ")
+    row = table.splitlines()[2].split(" | ")
+    assert float(row[header.index("temperature")]) > 0 and 0 < float(row[header.index("entropy")]) <= 1
     assert (tmp_path / "plots" / "quality_vs_features.png").stat().st_size > 0
