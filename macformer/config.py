@@ -9,7 +9,8 @@ from typing import Any
 
 from macformer.features.spectral import COMPONENTS, LEARNED_WEIGHTS, WEIGHTS, gerf_parameters
 from macformer.kernels import KERNELS, get_kernel
-from macformer.ppsbn import TEMPERATURE_LR_SCALE, temperature_defaults
+from macformer.features.maclaurin import worst_pair_relative_std
+from macformer.ppsbn import TEMPERATURE_LR_SCALE, rmfa_temperature_bound, series_temperature_bound
 
 ATTENTIONS = ("softmax", "rmfa", "rfa", "favor", "random_features", "kernel")
 FEATURE_ATTENTIONS = ("rmfa", "rfa", "favor", "random_features")
@@ -54,11 +55,12 @@ class MacformerConfig:
     off for softmax, rfa, favor and random_features (whose papers do not use it; its bounded temperature
     also keeps their attention flat early in training: benchmarks/RESULTS.md, quality at equal steps).
     ppsbn_max_temperature, ppsbn_initial_temperature: bound on |q . k| after preSBN and its starting
-    value (default: macformer.ppsbn.temperature_defaults: bound 2 for exp/trigh and the softmax
-    estimators, 0.95 / sqrt(3 p) for radius-1 kernels, where every pair's RMFA variance is finite;
-    start at half the bound). ppsbn_temperature_lr_scale: learning-rate multiplier of the temperature
-    (applied by PreTrainedMacformer.optimizer_groups). The resolved values are stored, so a saved
-    config names what it used.
+    value. Default (macformer.ppsbn): for rmfa the largest t at which the worst pair's random-feature
+    noise stays within a quarter of f(-t) at this D (exp: 0.70 at D = 128, head_dim 32), and inside
+    the finite-variance region 3 p t^2 < 1 for radius-1 kernels; 2 (or 0.95 of a finite radius) for
+    exact kernels and the softmax estimators; start at half the bound. ppsbn_temperature_lr_scale:
+    learning-rate multiplier of the temperature (applied by PreTrainedMacformer.optimizer_groups).
+    The resolved values are stored, so a saved config names what it used.
     causal: causal attention (language modelling); chunk_size: tokens per chunk of causal feature attention.
     """
 
@@ -157,7 +159,7 @@ class MacformerConfig:
             return
         bound = self.ppsbn_max_temperature
         if bound is None:
-            bound = temperature_defaults(radius, self.p)[1]
+            bound = self._rmfa_bound(kernel) if self.attention == "rmfa" else series_temperature_bound(radius)
             object.__setattr__(self, "ppsbn_max_temperature", bound)
         if not (isinstance(bound, (int, float)) and 0 < bound < radius):
             _fail("ppsbn_max_temperature", bound, f"a positive number below the kernel's radius {radius}")
@@ -166,6 +168,17 @@ class MacformerConfig:
         initial = self.ppsbn_initial_temperature
         if not (isinstance(initial, (int, float)) and 0 < initial < bound):
             _fail("ppsbn_initial_temperature", initial, f"a number in (0, ppsbn_max_temperature={bound})")
+
+    def _rmfa_bound(self, kernel) -> float:
+        exact_degrees = int(self.constant_feature) + int(self.linear_features)
+        num_random = self.num_features - int(self.constant_feature) - self.head_dim * int(self.linear_features)
+        max_degree = self.max_degree if kernel.max_degree is None else min(self.max_degree or kernel.max_degree,
+                                                                           kernel.max_degree)
+        if max_degree is not None and max_degree < exact_degrees:  # nothing sampled: no noise
+            return series_temperature_bound(kernel.radius)
+        return rmfa_temperature_bound(
+            lambda t: worst_pair_relative_std(kernel, t, num_random, self.p, exact_degrees, max_degree),
+            kernel.radius, self.p)
 
     def _check_spectral_pair(self) -> None:
         if self.attention not in SPECTRAL_ATTENTIONS:

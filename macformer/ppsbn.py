@@ -5,29 +5,34 @@ PreSBN centres and l2-normalises each query/key head vector, then scales it by s
 value of a row differ by at most f(t) / f(-t)). PostSBN restores the output scale with a learnable
 per-channel factor before the output projection.
 
-The temperature scheme (`temperature_defaults`), chosen by measurement (benchmarks/RESULTS.md,
-"Sharp attention"):
-- It must start sharp enough and be able to move. At the paper's d^-1/4 scaling (t = d^-1/2, 0.18
-  at head_dim 32) every row is near-uniform (weights within 1.4x), and a task that needs sharp
-  attention (ListOps) stays at the majority class. The temperature is t = bound * sigmoid(theta) per
-  head; theta starts at 0 (t = bound / 2, where its gradient is largest) and is trained with its own
-  learning rate, `temperature_lr_scale` times the model's, without weight decay
-  (`PreTrainedMacformer.optimizer_groups`): Adam moves a parameter by about lr per step, so at
-  lr = 2e-3 an unscaled theta moves by ~0.2 in a few hundred steps and t barely changes. With the
-  exact exp kernel, ListOps trains its temperatures up to the bound within 600 steps.
-- exp / trigh (infinite radius): bound 2 (weights up to e^4 = 55x apart). Exact exp-kernel attention
-  learns ListOps as well with this bound as with 8, while the random Maclaurin estimate at D = 128
-  degrades fast above it (relative error 0.4 at t = 2, 2.2 at t = 3, 8-13 at t = 4).
-- Radius-1 kernels (inverse, log, sqrt): the series converges for |t| < 1, but the random features'
-  variance is finite only where sum_n a_n^2 m_n / P(n) converges, m_n = E[(w.x)^2 (w.y)^2]^n the
-  Rademacher product's second moment. m_n reaches (3 t^2)^n for aligned x = y, and P(n) ∝ p^-n, so
-  every pair has finite variance iff 3 p t^2 < 1. The bound is 0.95 / sqrt(3 p) (0.39 at p = 2):
-  that caps how sharp these kernels can be (inverse: weights within (1 + t) / (1 - t) = 2.3x).
+The temperature scheme, chosen by measurement (benchmarks/RESULTS.md, "Sharp attention"):
+- It must be able to move. At the paper's d^-1/4 scaling (t = d^-1/2, 0.18 at head_dim 32) every
+  row is near-uniform, and a temperature t = bound * sigmoid(theta) trained like any weight barely
+  moves: Adam changes theta by about lr per step (~0.2 in a few hundred steps at lr 2e-3). theta
+  starts at 0 (t = bound / 2, where its gradient is largest) and trains at TEMPERATURE_LR_SCALE times
+  the model's learning rate without weight decay (`PreTrainedMacformer.optimizer_groups`); decay
+  would pull every temperature towards half its bound. With it, exact exp-kernel attention under
+  ppSBN trains its temperatures to the bound and learns ListOps as well as softmax (0.367 / 0.371 vs
+  0.365 / 0.365 on two seeds; 0.21 at the paper's scale), and so do FAVOR+ and OPRF under ppSBN.
+- Exact kernels and the softmax-estimating feature maps (`series_temperature_bound`): bound 2 for
+  an infinite radius (weights up to e^4 = 55x apart), 0.95 of a finite one.
+- RMFA (`rmfa_temperature_bound`): its signed random features are accurate only at small t. A
+  feature of degree n has second moment up to (3 t^2)^n (pairs x = +-y), so the noise of the
+  estimate is largest for exactly the pairs sharp attention is about, and on real hidden states (few
+  distinct keys) it does not average out over keys: at t = 1-2 the attention error on ListOps is
+  9-80 with up to 37% of denominators stabilised, and the model learns to flatten its attention.
+  The bound is the largest t at which the worst pair's standard deviation stays within
+  RMFA_RELATIVE_STD of the smallest kernel value f(-t) (`worst_pair_relative_std`), so the estimate
+  keeps the order of the kernel values; it grows with D (exp: 0.70 at D = 128 and head_dim 32, 0.99
+  at D = 1024). For radius-1 kernels it is also at most 0.95 / sqrt(3 p): with P(n) ∝ p^-n the
+  variance is finite for every pair only where 3 p t^2 < 1 (0.41 at p = 2), which caps how sharp
+  they can be (inverse: weights within (1 + t) / (1 - t) = 2.2x).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -35,17 +40,31 @@ from torch import nn
 NORM_EPS = 1e-6
 # Bound on |q . k| for kernels with an infinite radius (exp, trigh) and the softmax-estimating maps.
 EXP_MAX_TEMPERATURE = 2.0
-# Margin inside the finite-variance region of radius-1 kernels: t <= 0.95 / sqrt(3 p).
+# Fraction of a finite radius of convergence that the bound may reach.
 RADIUS_MARGIN = 0.95
+# RMFA's bound: the worst pair's random-feature noise stays within this fraction of f(-t).
+RMFA_RELATIVE_STD = 0.25
 # Learning-rate multiplier of the temperature logits (see the module docstring).
 TEMPERATURE_LR_SCALE = 30.0
 
 
-def temperature_defaults(radius: float, p: float) -> tuple[float, float]:
-    """(initial temperature, bound) of ppSBN for a kernel with this radius of convergence whose
-    random Maclaurin features draw degrees with P(n) ∝ p^-n."""
-    bound = RADIUS_MARGIN * radius / math.sqrt(3.0 * p) if math.isfinite(radius) else EXP_MAX_TEMPERATURE
-    return bound / 2, bound
+def series_temperature_bound(radius: float) -> float:
+    """Bound for exact kernels and the positive / trigonometric feature maps: 2 for an infinite
+    radius, 0.95 of a finite one."""
+    return RADIUS_MARGIN * radius if math.isfinite(radius) else EXP_MAX_TEMPERATURE
+
+
+def rmfa_temperature_bound(relative_std: Callable[[float], float], radius: float, p: float) -> float:
+    """Largest t (to 1e-3) at which relative_std(t), the worst pair's random-feature standard
+    deviation over f(-t), is at most RMFA_RELATIVE_STD; for a finite radius also at most
+    0.95 radius / sqrt(3 p), inside the region where every pair's variance is finite."""
+    low, high = 0.0, RADIUS_MARGIN * radius / math.sqrt(3 * p) if math.isfinite(radius) else EXP_MAX_TEMPERATURE
+    if relative_std(high) <= RMFA_RELATIVE_STD:
+        return high
+    while high - low > 1e-3:  # relative_std grows with t
+        middle = (low + high) / 2
+        low, high = (middle, high) if relative_std(middle) <= RMFA_RELATIVE_STD else (low, middle)
+    return low
 
 
 class PreSBN(nn.Module):

@@ -188,24 +188,54 @@ def test_config_round_trips_and_rejects_unknown_fields() -> None:
         MacformerConfig.from_dict({"num_feature": 64})
 
 
-@pytest.mark.parametrize(("attention", "kernel", "bound"), [
-    ("rmfa", "exp", 2.0), ("kernel", "trigh", 2.0), ("rmfa", "inverse", 0.95 / 6**0.5), ("rmfa", "log", 0.95 / 6**0.5),
-    ("kernel", "sqrt", 0.95 / 6**0.5), ("softmax", "exp", None), ("favor", "exp", None),
+@pytest.mark.parametrize(("attention", "kernel"), [
+    ("rmfa", "exp"), ("rmfa", "inverse"), ("rmfa", "log"), ("rmfa", "sqrt"), ("kernel", "exp"), ("kernel", "inverse"),
+    ("softmax", "exp"), ("favor", "exp"),
 ])
-def test_temperature_defaults_are_resolved_and_stored(attention: str, kernel: str, bound: float | None) -> None:
+def test_temperature_defaults_are_resolved_and_stored(attention: str, kernel: str) -> None:
+    from macformer.features.maclaurin import worst_pair_relative_std
+    from macformer.kernels import get_kernel
+    from macformer.ppsbn import RMFA_RELATIVE_STD
+
     config = MacformerConfig(attention=attention, kernel=kernel)
     saved = config.to_dict()
-    if bound is None:  # no ppSBN: nothing to resolve
+    if not config.ppsbn:  # nothing to resolve
         assert saved["ppsbn_max_temperature"] is None and saved["ppsbn_initial_temperature"] is None
         return
-    assert saved["ppsbn_max_temperature"] == pytest.approx(bound)
+    bound = saved["ppsbn_max_temperature"]
     assert saved["ppsbn_initial_temperature"] == pytest.approx(bound / 2)
     assert MacformerConfig.from_saved(saved) == config
     pre = MacformerModel(config).blocks[0].attention.pre_sbn
     torch.testing.assert_close(pre.temperature().flatten(), torch.full((2,), bound / 2))
-    # finite variance for every pair, q = k included: 3 p t^2 < 1 at the bound
-    if kernel in ("inverse", "log", "sqrt"):
+    radius = get_kernel(kernel).radius
+    if attention == "kernel":  # exact: only the series' radius limits it
+        assert bound == pytest.approx(2.0 if kernel == "exp" else 0.95)
+        return
+    # RMFA: the worst pair's noise is RMFA_RELATIVE_STD of f(-t) at the bound (or the bound keeps every
+    # pair's variance finite, 3 p t^2 < 1, for radius-1 kernels), and more just above it.
+    noise = lambda t: worst_pair_relative_std(get_kernel(kernel), t, 128 - 33, config.p, 2)  # noqa: E731
+    assert noise(bound) <= RMFA_RELATIVE_STD
+    assert noise(bound + 2e-3) > RMFA_RELATIVE_STD or (radius == 1 and bound == pytest.approx(0.95 / 6**0.5))
+    if radius == 1:
         assert 3 * config.p * bound**2 < 1
+    sharper = MacformerConfig(attention=attention, kernel=kernel, num_features=1024).ppsbn_max_temperature
+    assert sharper > bound if kernel == "exp" else sharper >= bound  # more features, sharper attention allowed
+
+
+@pytest.mark.parametrize(("kernel", "temperature"), [("exp", 0.7), ("exp", 1.2), ("inverse", 0.35), ("log", 0.38)])
+def test_worst_pair_noise_bounds_the_measured_spread_of_the_estimate(kernel: str, temperature: float) -> None:
+    from macformer.features import RandomMaclaurinFeatures
+    from macformer.features.maclaurin import worst_pair_relative_std
+    from macformer.kernels import get_kernel
+
+    x = torch.ones(16) * (temperature / 16) ** 0.5  # spread out: E[(w.x)^4] close to its bound 3 t^2
+    estimates = torch.tensor([[float(phi(x) @ phi(sign * x)) for sign in (1.0, -1.0)] for phi in (
+        RandomMaclaurinFeatures(16, 48, kernel, seed=seed, constant_feature=True, linear_features=True)
+        for seed in range(2000))])
+    smallest = float(get_kernel(kernel).fn(torch.tensor(-temperature)))
+    bound = worst_pair_relative_std(get_kernel(kernel), temperature, 48 - 17, 2.0, 2)
+    measured = estimates.std(0) / smallest
+    assert torch.all(measured < 1.15 * bound) and torch.all(measured > 0.4 * bound), (measured, bound)
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

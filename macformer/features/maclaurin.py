@@ -10,7 +10,10 @@ import torch
 from macformer.features.base import FeatureMap
 from macformer.kernels import DotProductKernel, get_kernel
 
-__all__ = ["RandomMaclaurinFeatures", "degree_distribution"]
+__all__ = ["RandomMaclaurinFeatures", "degree_distribution", "worst_pair_relative_std"]
+
+# Terms of the variance series summed before it is declared convergent or divergent.
+VARIANCE_TERMS = 400
 
 
 def degree_distribution(p: float, min_degree: int, max_degree: int | None) -> tuple[float, float]:
@@ -20,6 +23,35 @@ def degree_distribution(p: float, min_degree: int, max_degree: int | None) -> tu
     ratio = 1.0 / p
     support = math.inf if max_degree is None else max_degree - min_degree + 1
     return ratio, 1.0 - ratio**support
+
+
+def worst_pair_relative_std(
+    kernel: DotProductKernel, temperature: float, num_random: int, p: float, min_degree: int,
+    max_degree: int | None = None,
+) -> float:
+    """Largest standard deviation of the random part of phi(x) . phi(y), over pairs with
+    |x|^2 = |y|^2 = t, relative to the smallest kernel value f(-t); inf where it diverges.
+
+    A feature of degree n is importance-weighted by a_n / P(n), and its Rademacher product has second
+    moment E[(w.x)^2 (w.y)^2]^n <= (3 t^2)^n (reached as x -> +-y), so the variance of the mean of
+    `num_random` features is at most sum_n a_n^2 (3 t^2)^n / P(n) / num_random over the sampled degrees.
+    """
+    ratio, normaliser = degree_distribution(p, min_degree, max_degree)
+    last = min_degree + VARIANCE_TERMS if max_degree is None else max_degree
+    coefficients = kernel.coefficients(last).tolist()
+    variance, term = 0.0, 0.0
+    for n in range(min_degree, last + 1):
+        log_probability = (n - min_degree) * math.log(ratio) + math.log((1 - ratio) / normaliser)
+        if coefficients[n] > 0:
+            log_term = 2 * math.log(coefficients[n]) + n * math.log(3 * temperature**2) - log_probability
+            if log_term > 700:  # beyond float range: the series diverges here
+                return math.inf
+            term = math.exp(log_term)
+            variance += term
+    if max_degree is None and term > 1e-12 * variance:  # the tail has not died out: divergent
+        return math.inf
+    smallest = float(kernel.fn(torch.tensor(-temperature, dtype=torch.float64)))
+    return math.sqrt(variance / num_random) / smallest
 
 
 class RandomMaclaurinFeatures(FeatureMap):
