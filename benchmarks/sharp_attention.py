@@ -33,6 +33,7 @@ VARIANTS: dict[str, dict] = {
     "softmax": {"attention": "softmax"},
     "kernel-exp": {"attention": "kernel"},
     "rmfa-exp": {"attention": "rmfa"},
+    "rmfa-exp-bound-2": {"attention": "rmfa", "ppsbn_max_temperature": 2.0},
     "rmfa-exp-paper-temperature": {"attention": "rmfa", "ppsbn_initial_temperature": 32**-0.5,
                                    "ppsbn_temperature_lr_scale": 1.0},
     "rmfa-inverse": {"attention": "rmfa", "kernel": "inverse"},
