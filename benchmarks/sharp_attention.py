@@ -32,6 +32,7 @@ from pipelines.sources import stdlib_files
 VARIANTS: dict[str, dict] = {
     "softmax": {"attention": "softmax"},
     "kernel-exp": {"attention": "kernel"},
+    "kernel-inverse": {"attention": "kernel", "kernel": "inverse"},
     "rmfa-exp": {"attention": "rmfa"},
     "rmfa-exp-bound-2": {"attention": "rmfa", "ppsbn_max_temperature": 2.0},
     "rmfa-exp-paper-temperature": {"attention": "rmfa", "ppsbn_initial_temperature": 32**-0.5,
