@@ -7,9 +7,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from macformer.features.maclaurin import worst_pair_relative_std
 from macformer.features.spectral import COMPONENTS, LEARNED_WEIGHTS, WEIGHTS, gerf_parameters
 from macformer.kernels import KERNELS, get_kernel
-from macformer.features.maclaurin import worst_pair_relative_std
 from macformer.ppsbn import TEMPERATURE_LR_SCALE, rmfa_temperature_bound, series_temperature_bound
 
 ATTENTIONS = ("softmax", "rmfa", "rfa", "favor", "random_features", "kernel")

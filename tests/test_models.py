@@ -213,7 +213,7 @@ def test_temperature_defaults_are_resolved_and_stored(attention: str, kernel: st
         return
     # RMFA: the worst pair's noise is RMFA_RELATIVE_STD of f(-t) at the bound (or the bound keeps every
     # pair's variance finite, 3 p t^2 < 1, for radius-1 kernels), and more just above it.
-    noise = lambda t: worst_pair_relative_std(get_kernel(kernel), t, 128 - 33, config.p, 2)  # noqa: E731
+    noise = lambda t: worst_pair_relative_std(get_kernel(kernel), t, 128 - 33, config.p, 2)
     assert noise(bound) <= RMFA_RELATIVE_STD
     assert noise(bound + 2e-3) > RMFA_RELATIVE_STD or (radius == 1 and bound == pytest.approx(0.95 / 6**0.5))
     if radius == 1:
