@@ -29,6 +29,8 @@ class DotProductKernel:
         exact: elementwise closed form of f on a tensor of dot products.
         radius: radius of convergence of the series (math.inf for entire functions).
         max_degree: highest non-zero degree for polynomial kernels, None for infinite series.
+        log_exact: log f, where it has a closed form that cannot overflow (exp, trigh: the identity),
+            so that normalised attention weights are computable for any |q . k|.
     """
 
     name: str
@@ -36,6 +38,7 @@ class DotProductKernel:
     exact: Callable[[torch.Tensor], torch.Tensor]
     radius: float
     max_degree: int | None = None
+    log_exact: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def coefficients(self, n: int) -> torch.Tensor:
         """a_0..a_n as a float64 tensor of length n + 1."""
@@ -82,12 +85,12 @@ def _trigh_exact(t: torch.Tensor) -> torch.Tensor:
 
 
 KERNELS: dict[str, DotProductKernel] = {
-    "exp": DotProductKernel("exp", _exp_coefficient, torch.exp, math.inf),
+    "exp": DotProductKernel("exp", _exp_coefficient, torch.exp, math.inf, log_exact=lambda t: t),
     "inverse": DotProductKernel("inverse", lambda n: 1.0, lambda t: 1.0 / (1.0 - t), 1.0),
     "log": DotProductKernel("log", _log_coefficient, lambda t: 1.0 - torch.log1p(-t), 1.0),
     # cosh(t) + sinh(t) has the coefficients of exp(t) term by term (even terms from cosh, odd from
     # sinh): it *is* exp. The name is kept for parity with the Macformer paper's kernel list.
-    "trigh": DotProductKernel("trigh", _exp_coefficient, _trigh_exact, math.inf),
+    "trigh": DotProductKernel("trigh", _exp_coefficient, _trigh_exact, math.inf, log_exact=lambda t: t),
     "sqrt": DotProductKernel("sqrt", _sqrt_coefficient, lambda t: 2.0 - torch.sqrt(1.0 - t), 1.0),
 }
 

@@ -248,3 +248,17 @@ def test_shapes_and_masks_property(batch, heads, length, dv, chunk, causal, pad_
     visible = visible.cumsum(-1) if causal else visible.sum(-1, keepdim=True).expand(-1, length)
     assert torch.all(out[(visible == 0)[:, None, :].expand(-1, heads, -1)] == 0)
     assert math.isfinite(float(out.sum()))
+
+
+def test_exact_exp_attention_is_finite_for_any_scores() -> None:
+    from macformer.attention import kernel_attention_weights
+
+    q, k, v = torch.randn(1, 2, 9, 8) * 40, torch.randn(1, 2, 9, 8) * 40, torch.randn(1, 2, 9, 8)
+    mask = torch.zeros(1, 9, dtype=torch.bool)
+    mask[0, 6:] = True
+    for kernel in ("exp", "trigh"):
+        weights = kernel_attention_weights(q, k, kernel, causal=True, key_padding_mask=mask)
+        reference = torch.softmax((q @ k.transpose(-1, -2)).masked_fill(
+            torch.ones(9, 9).triu(1).bool() | mask[:, None, None, :], -math.inf), -1)
+        torch.testing.assert_close(weights, reference)
+        assert kernel_attention(q, k, v, kernel, causal=True, key_padding_mask=mask).isfinite().all()

@@ -56,7 +56,12 @@ def kernel_attention_weights(
             f"of convergence {kernel.radius}; normalise q and k first (ppSBN)"
         )
     weights = _pair_weights(q.shape[2], k.shape[2], causal, key_keep(key_padding_mask, k), None, scores)
-    values = kernel.fn(scores) * weights
+    if kernel.log_exact is not None:  # normalise in log space: f(s) / sum f = exp(log f(s) - max) / sum
+        logs = kernel.log_exact(scores).masked_fill(weights == 0, -math.inf)
+        shift = logs.amax(-1, keepdim=True).clamp_min(torch.finfo(logs.dtype).min)
+        values = torch.exp(logs - shift) * weights
+    else:
+        values = kernel.fn(scores) * weights
     return values / values.sum(-1, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
 
 
