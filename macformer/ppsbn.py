@@ -12,15 +12,15 @@ The temperature scheme, chosen by measurement (benchmarks/RESULTS.md, "Sharp att
   starts at 0 (t = bound / 2, where its gradient is largest) and trains at TEMPERATURE_LR_SCALE times
   the model's learning rate without weight decay (`PreTrainedMacformer.optimizer_groups`); decay
   would pull every temperature towards half its bound. With it, exact exp-kernel attention under
-  ppSBN trains its temperatures to the bound and learns ListOps as well as softmax (0.367 / 0.371 vs
-  0.365 / 0.365 on two seeds; 0.21 at the paper's scale), and so do FAVOR+ and OPRF under ppSBN.
+  ppSBN trains its first layer's temperatures to the bound and learns ListOps as well as softmax
+  (0.367 / 0.371 vs 0.365 / 0.365 on two seeds), and so does FAVOR+ under ppSBN (0.369 / 0.377).
 - Exact kernels and the softmax-estimating feature maps (`series_temperature_bound`): bound 2 for
   an infinite radius (weights up to e^4 = 55x apart), 0.95 of a finite one.
 - RMFA (`rmfa_temperature_bound`): its signed random features are accurate only at small t. A
   feature of degree n has second moment up to (3 t^2)^n (pairs x = +-y), so the noise of the
   estimate is largest for exactly the pairs sharp attention is about, and on real hidden states (few
-  distinct keys) it does not average out over keys: at t = 1-2 the attention error on ListOps is
-  9-80 with up to 37% of denominators stabilised, and the model learns to flatten its attention.
+  distinct keys) it does not average out over keys: with the bound 2 the attention error on ListOps
+  ends at 9-10 and the model flattens its attention instead of learning the task.
   The bound is the largest t at which the worst pair's standard deviation stays within
   RMFA_RELATIVE_STD of the smallest kernel value f(-t) (`worst_pair_relative_std`), so the estimate
   keeps the order of the kernel values; it grows with D (exp: 0.70 at D = 128 and head_dim 32, 0.99
