@@ -211,3 +211,24 @@ def test_bad_feature_arguments_raise(kwargs: dict, message: str) -> None:
     arguments = {"dim": DIM, "num_features": 16, **kwargs}
     with pytest.raises(ValueError, match=message):
         RandomMaclaurinFeatures(**arguments)
+
+
+def test_a_reloaded_model_redraws_on_the_same_calls_as_the_original(tmp_path) -> None:
+    from macformer import MacformerConfig, MacformerForCausalLM
+
+    config = MacformerConfig(attention="rmfa", causal=True, vocab_size=40, d_model=32, num_features=48,
+                             feature_redraw_interval=3, max_seq_len=64)
+    original = MacformerForCausalLM(config).train()
+    tokens = torch.randint(0, 40, (2, 16))
+    with torch.no_grad():
+        for _ in range(2):  # one call short of a redraw
+            original(tokens)
+        original.save_pretrained(tmp_path)
+        reloaded = MacformerForCausalLM.from_pretrained(tmp_path).train()
+        for _ in range(5):  # the redraws at calls 3 and 6 must coincide
+            torch.testing.assert_close(reloaded(tokens).logits, original(tokens).logits, rtol=0, atol=0)
+    # a state dict saved before the counter existed still loads (as 0 calls since the last draw)
+    legacy = {k: v for k, v in original.state_dict().items() if not k.endswith("calls_since_draw")}
+    fresh = MacformerForCausalLM(config)
+    fresh.load_state_dict(legacy)
+    assert all(b.attention.feature_map._calls_since_draw == 0 for b in fresh.model.blocks)

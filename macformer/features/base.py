@@ -41,6 +41,9 @@ class FeatureMap(nn.Module):
             raise ValueError(f"seed must be an integer or None, got {seed!r}")
         self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64))
         self.register_buffer("draw_index", torch.tensor(0, dtype=torch.int64))
+        # Training calls since the last draw: counted in Python (no device sync per step) and mirrored
+        # in a buffer so that a reloaded map redraws on the same call as the original.
+        self.register_buffer("calls_since_draw", torch.tensor(0, dtype=torch.int64))
         self._calls_since_draw = 0
 
     def _generator(self) -> torch.Generator:
@@ -59,13 +62,18 @@ class FeatureMap(nn.Module):
         """Draw new random weights (the next draw of this map's seeded sequence)."""
         self.draw_index += 1
         self._draw(self._generator())
-        self._calls_since_draw = 0
+        self._count_calls(0)
+
+    @torch.no_grad()
+    def _count_calls(self, calls: int) -> None:
+        self._calls_since_draw = calls
+        self.calls_since_draw.fill_(calls)
 
     def maybe_redraw(self) -> None:
         """Count one training forward pass and redraw every `redraw_interval` of them."""
         if not self.training or self.redraw_interval is None:
             return
-        self._calls_since_draw += 1
+        self._count_calls(self._calls_since_draw + 1)
         if self._calls_since_draw >= self.redraw_interval:
             self.redraw()
 
@@ -85,12 +93,15 @@ class FeatureMap(nn.Module):
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Maps saved before the call counter existed had counted nothing since their last draw.
+        state_dict.setdefault(prefix + "calls_since_draw", torch.tensor(0, dtype=torch.int64))
         # The number of stacked projections of some maps depends on the draw: take the saved shape.
         for name, buffer in self._buffers.items():
             saved = state_dict.get(prefix + name)
             if buffer is not None and saved is not None and saved.shape != buffer.shape:
                 self._buffers[name] = torch.empty(saved.shape, dtype=buffer.dtype, device=buffer.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._calls_since_draw = int(self.calls_since_draw)
         self._buffers_changed()
 
     def extra_repr(self) -> str:
