@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from macformer.errors import MacformerError
 from pipelines.reader import ShardReader
 
 
@@ -41,7 +42,7 @@ class TrainBatches:
     def __init__(self, reader: ShardReader, task: str, batch_size: int) -> None:
         self.reader, self.task, self.batch_size = reader, task, batch_size
         if len(reader) < batch_size:
-            raise ValueError(f"this rank holds {len(reader)} samples, fewer than one batch of {batch_size}; "
+            raise MacformerError(f"this rank holds {len(reader)} samples, fewer than one batch of {batch_size}; "
                              "use more data, fewer workers or a smaller micro_batch_size")
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:

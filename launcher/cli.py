@@ -1,4 +1,5 @@
-"""`macformer` command line. Bad input ends with one line naming the problem and the fix, exit code 2."""
+"""`macformer` command line. Bad input (a MacformerError) ends with one line naming the problem and the fix,
+exit code 2; any other exception is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from macformer.errors import MacformerError
 from pipelines.errors import PipelineError
 
 if TYPE_CHECKING:  # the command line starts fast: heavy modules load only with their command
@@ -206,31 +208,35 @@ def _run_submit(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0 if status == "SUCCEEDED" else 1
 
 
+CHECKPOINT_HELP = "exported model directory, runs:/<run_id>/model, or experiment:NAME (its best finished run)"
+
+
 def _add_eval(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="evaluate an exported model on a prepared dataset")
-    parser.add_argument("--checkpoint", required=True,
-                        help="exported model directory, runs:/<run_id>/model, or experiment:NAME (its latest run)")
+    parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     parser.add_argument("--data", required=True, help="dataset directory (prepare or lra output)")
-    parser.add_argument("--split", default=None, help="split of a task dataset (e.g. test)")
+    parser.add_argument("--split", default=None,
+                        help="dataset split to evaluate (default: the held-out one, test or valid, if there is one)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--batches", type=int, default=50)
     parser.add_argument("--tracking-uri", default=None, help="MLflow URI for runs:/ checkpoints")
 
 
 def _run_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from launcher.evaluate import evaluate, load_exported
+    from launcher.evaluate import evaluate, held_out_split, load_exported
 
     model = load_exported(args.checkpoint, args.tracking_uri)
-    metrics = evaluate(model, args.data, args.split, args.batch_size, args.batches)
-    print(", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    split = args.split or held_out_split(args.data)
+    metrics = evaluate(model, args.data, split, args.batch_size, args.batches)
+    print(f"split {split or 'all (the dataset has no held-out split)'}: "
+          + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     return 0
 
 
 def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("generate", help="continue a prompt with an exported causal LM "
                                    "(recurrent O(D d) state for feature attentions, KV cache for softmax)")
-    parser.add_argument("--checkpoint", required=True,
-                        help="exported model directory, runs:/<run_id>/model, or experiment:NAME (its latest run)")
+    parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     parser.add_argument("--tokenizer", required=True, help="tokenizer.model of the training dataset")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -285,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command][1](args, argv)
-    except (PipelineError, ValueError) as error:
+    except MacformerError as error:  # bad input: one line; anything else is a bug and shows its traceback
         print(f"macformer {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

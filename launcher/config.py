@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from macformer.config import MacformerConfig
+from macformer.errors import MacformerError
 from pipelines.errors import PipelineError
 from pipelines.shards import load_manifest
 
@@ -153,6 +154,10 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def run_directory(self) -> str:
+        """Where Ray Train keeps this run's checkpoints."""
+        return f"{self.storage_path.rstrip('/')}/{self.run_name}"
+
     def resolved_tracking_uri(self) -> str:
         from launcher.tracking import default_tracking_uri
 
@@ -178,5 +183,5 @@ class TrainConfig:
         settings.setdefault("seed", self.seed)
         try:
             return MacformerConfig.from_dict(settings)
-        except ValueError as error:
+        except MacformerError as error:
             raise ConfigError(f"model: {error}") from None

@@ -64,7 +64,7 @@ def run_sweep(sweep: Sweep, ray_address: str | None = None) -> str:
     trials = [trial.with_absolute_paths() for trial in sweep.trials]
     for trial in trials:
         check_ready(trial)
-        check_run_directory(trial, resume=False)
+        check_run_directory(trial, resume=False, sweep=sweep.name)
     first = trials[0]
     ensure_experiment(first.tracking_uri, first.experiment)
     client = mlflow.MlflowClient(tracking_uri=first.tracking_uri)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,37 @@ def default_tracking_uri(explicit: str | None = None) -> str:
     """The given URI, else MLFLOW_TRACKING_URI, else a SQLite store in the working directory (absolute,
     so Ray workers running elsewhere write to the same one)."""
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def mask_credentials(text: str) -> str:
+    """`scheme://user:secret@host` -> `scheme://user:***@host` wherever it occurs in `text`."""
+    return re.sub(r"(\w[\w+.-]*://[^/\s:@]*):[^@\s/]*@", r"\1:***@", text)
+
+
+def probe_tracking_server(uri: str) -> None:
+    """Fail in one line unless the MLflow server at an http(s) URI answers its /health endpoint,
+    authenticating as MLflow's client would (credentials in the URI, or MLFLOW_TRACKING_USERNAME and
+    MLFLOW_TRACKING_PASSWORD; MLFLOW_TRACKING_INSECURE_TLS)."""
+    import requests
+
+    from launcher.config import ConfigError
+
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    insecure = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true"
+    try:
+        response = requests.get(uri.rstrip("/") + "/health", timeout=5, verify=not insecure,
+                                auth=(user, password or "") if user else None)
+    except (requests.RequestException, ValueError) as error:
+        reason = mask_credentials(str(error).splitlines()[0])[:200]
+        raise ConfigError(f"MLflow tracking server {mask_credentials(uri)} is unreachable ({reason}); start it or "
+                          "fix --tracking-uri") from None
+    if response.status_code in (401, 403):
+        raise ConfigError(f"MLflow tracking server {mask_credentials(uri)} refused the credentials "
+                          f"(HTTP {response.status_code}); fix the user and password in the URI or in "
+                          "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")
+    if response.status_code >= 400:
+        raise ConfigError(f"{mask_credentials(uri)} answered HTTP {response.status_code} at /health: not an MLflow "
+                          "tracking server; fix --tracking-uri")
 
 
 def git_commit() -> str:
@@ -61,11 +93,31 @@ def ensure_experiment(uri: str, name: str) -> None:
     client.create_experiment(name, artifact_location=location)
 
 
+RUN_DIRECTORY_TAG = "run_directory"
+
+
+def end_tracked_run(uri: str, experiment: str, run_directory: str, status: str) -> str | None:
+    """End the RUNNING MLflow run of a training run directory with `status` (KILLED, FAILED) and an
+    end time; returns its id (None when rank 0 had not started one)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    quoted = run_directory.replace("'", "\\'")
+    runs = client.search_runs([found.experiment_id], f"tags.{RUN_DIRECTORY_TAG} = '{quoted}' and "
+                              "attributes.status = 'RUNNING'")
+    for run in runs:
+        client.set_terminated(run.info.run_id, status=status)
+    return runs[0].info.run_id if runs else None
+
+
 class Tracker:
     """Thin use of MLflow's fluent API: one run per training run, resumed by run id after a restart."""
 
     def __init__(self, uri: str, experiment: str, run_name: str, run_id: str | None = None,
-                 parent_run_id: str | None = None) -> None:
+                 parent_run_id: str | None = None, run_directory: str | None = None) -> None:
         import mlflow
 
         self.mlflow = mlflow
@@ -74,8 +126,10 @@ class Tracker:
         if run_id:
             self.run = mlflow.start_run(run_id=run_id)
         else:  # a sweep trial is a child of the sweep's parent run
-            tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
-            self.run = mlflow.start_run(run_name=run_name, tags=tags)
+            tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+            if run_directory:  # how the driver finds the run to end it after an interrupt or failure
+                tags[RUN_DIRECTORY_TAG] = run_directory
+            self.run = mlflow.start_run(run_name=run_name, tags=tags or None)
 
         self.failed = False
 
@@ -91,8 +145,8 @@ class Tracker:
             action(*args, **kwargs)
         except Exception as error:  # MLflow raises many types for an unreachable or failing store
             self.failed = True
-            print(f"MLflow logging stopped ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
-                  "training continues", flush=True)
+            reason = mask_credentials(str(error).splitlines()[0])[:200]
+            print(f"MLflow logging stopped ({type(error).__name__}: {reason}); training continues", flush=True)
 
     def log_params(self, params: dict[str, Any]) -> None:
         def log() -> None:
@@ -115,6 +169,10 @@ class Tracker:
 
     def log_figure(self, figure, name: str) -> None:
         self._guard(self.mlflow.log_figure, figure, name)
+
+    def last_step(self, metric: str) -> int:
+        """The highest step `metric` was logged at (0 if never)."""
+        return max((step for step, _ in self.history(metric)), default=0)
 
     def history(self, metric: str) -> list[tuple[int, float]]:
         if self.failed:

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import os
+import sys
+import threading
+from pathlib import Path
 from typing import Any
 
 from launcher.config import ConfigError, TrainConfig
-from launcher.tracking import JOB_ID_ENV, ensure_experiment, git_commit
+from launcher.tracking import JOB_ID_ENV, end_tracked_run, ensure_experiment, git_commit, probe_tracking_server
+from macformer.errors import MacformerError
 from pipelines import storage
 from pipelines.ray_runtime import ray_session
 from pipelines.reader import ShardReader
+from pipelines.shards import load_manifest, verify_shard
 
 
 def check_ready(config: TrainConfig) -> None:
     """Fail on the driver, in one line, before any worker starts: data, model, splits, tracking URI."""
     config.model_config()  # validates the manifest and the model settings
+    for entry in load_manifest(config.data)["shards"]:  # a missing or corrupt shard fails here, not in a worker
+        if {config.train_split, config.eval_split} & {None, entry.get("split")}:
+            verify_shard(config.data, entry)
     for role, split in (("training", config.train_split), ("evaluation", config.eval_split)):
         # Every rank needs at least one full micro-batch of its share, the smallest being the last rank's.
         share = len(ShardReader(config.data, config.num_workers - 1, config.num_workers, split=split, verify=False))
@@ -24,20 +32,18 @@ def check_ready(config: TrainConfig) -> None:
                               "data, fewer workers or a smaller micro_batch_size")
     uri = config.resolved_tracking_uri()
     if uri.startswith(("http://", "https://")):
-        import urllib.request
-
-        try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
-        except OSError as error:
-            raise ConfigError(f"MLflow tracking server {uri} is unreachable ({error}); start it or fix "
-                              "--tracking-uri") from None
+        probe_tracking_server(uri)
     ensure_experiment(uri, config.experiment)
 
 
-def check_run_directory(config: TrainConfig, resume: bool) -> None:
-    """A run directory is continued only on request: a new run never silently resumes an old one."""
+def check_run_directory(config: TrainConfig, resume: bool, sweep: str | None = None) -> None:
+    """A run directory is continued only on request: a new run never silently resumes an old one
+    (sweep trials never resume: the fix is another sweep name)."""
     filesystem, root = storage.resolve(config.storage_path)
     exists = storage.exists(filesystem, storage.join(root, config.run_name))
+    if exists and sweep is not None:
+        raise ConfigError(f"sweep {sweep!r}: run {config.run_name!r} already exists in {config.storage_path}; "
+                          "give the sweep another name (name: in the grid file) or another storage_path")
     if exists and not resume:
         raise ConfigError(f"run {config.run_name!r} already exists in {config.storage_path}; pass --resume to "
                           "continue it or choose another run_name")
@@ -57,12 +63,15 @@ def check_resources(config: TrainConfig) -> None:
                           "lower num_workers or add nodes")
 
 
-def fit(config: TrainConfig) -> dict[str, Any]:
-    """One TorchTrainer run in the current Ray cluster (config already checked, paths absolute)."""
+def fit(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """One TorchTrainer run in the current Ray cluster (config already checked, paths absolute). On an
+    interrupt or a failure its MLflow run is ended KILLED or FAILED; bad input a worker met is
+    raised as its one-line ConfigError."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchTrainer
 
+    from launcher.loopback import LoopbackTorchConfig
     from launcher.worker import train_worker
 
     trainer = TorchTrainer(
@@ -73,7 +82,7 @@ def fit(config: TrainConfig) -> dict[str, Any]:
             "ray_job_id": os.environ.get(JOB_ID_ENV) or ray.get_runtime_context().get_job_id(),
         },
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu),
-        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
+        torch_config=LoopbackTorchConfig(backend="nccl" if config.use_gpu else "gloo"),
         run_config=RunConfig(
             name=config.run_name,
             storage_path=config.storage_path,
@@ -81,7 +90,59 @@ def fit(config: TrainConfig) -> dict[str, Any]:
             failure_config=FailureConfig(max_failures=config.max_failures),
         ),
     )
-    return dict(trainer.fit().metrics or {})
+    try:
+        return dict(_fit_in_thread(trainer).metrics or {})
+    except KeyboardInterrupt:
+        run_id = end_tracked_run(config.resolved_tracking_uri(), config.experiment, config.run_directory(), "KILLED")
+        print(f"training stopped: MLflow run {run_id or '(not started)'} marked KILLED; continue it from its last "
+              f"checkpoint with the same command plus --resume (run_name={config.run_name}, storage_path="
+              f"{config.storage_path})", file=sys.stderr, flush=True)
+        raise
+    except TrainingFailedError as error:
+        end_tracked_run(config.resolved_tracking_uri(), config.experiment, config.run_directory(), "FAILED")
+        if not resume:
+            _remove_if_no_checkpoint(config)
+        failures = getattr(error, "worker_failures", {})
+        cause = next((failures[rank] for rank in sorted(failures) if isinstance(failures[rank], MacformerError)),
+                     None)
+        if cause is not None:  # bad input met by a worker: the one line it names, not its traceback
+            raise ConfigError(f"training failed on worker {sorted(failures)[0]}: {cause}") from None
+        raise
+
+
+def _fit_in_thread(trainer):
+    """trainer.fit() off the main thread, so that Ctrl-C reaches this process as KeyboardInterrupt (in
+    the main thread Ray Train installs its own SIGINT handler, which exits with status 1 and leaves
+    the MLflow run RUNNING); the caller ends the run and shuts Ray down, which stops the workers."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # handed to the main thread as is
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def _remove_if_no_checkpoint(config: TrainConfig) -> None:
+    """A new run that failed before its first checkpoint leaves nothing to resume: its directory
+    goes, so that the same run_name can be used again."""
+    import pyarrow.fs as pafs
+
+    filesystem, root = storage.resolve(config.storage_path)
+    path = storage.join(root, config.run_name)
+    if not storage.exists(filesystem, path):
+        return
+    entries = filesystem.get_file_info(pafs.FileSelector(path))
+    if not any(Path(entry.path).name.startswith("checkpoint_") for entry in entries):
+        filesystem.delete_dir(path)
 
 
 def train(config: TrainConfig, ray_address: str | None = None, resume: bool = False) -> dict[str, Any]:
@@ -92,4 +153,4 @@ def train(config: TrainConfig, ray_address: str | None = None, resume: bool = Fa
     check_run_directory(config, resume)
     with ray_session(ray_address, log_to_driver=True, dashboard=True):
         check_resources(config)
-        return fit(config)
+        return fit(config, resume)

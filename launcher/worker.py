@@ -15,15 +15,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from launcher import checkpoint
 from launcher.batches import TrainBatches, eval_batches
 from launcher.config import TrainConfig
-from launcher.tracking import NoTracker, Tracker, run_params
+from launcher.tracking import NoTracker, Tracker, mask_credentials, run_params
 from macformer import MacformerForCausalLM, MacformerForSequenceClassification
 from pipelines.reader import ShardReader
 from pipelines.shards import load_manifest
 
-ENGINE_TAG = "engine"
-STATE_FILE = "trainer_state.json"
 EXPORT_DIR = "model"
 
 
@@ -109,10 +108,7 @@ def _save_checkpoint(engine, batches: TrainBatches, step: int, run_id: str | Non
     import ray.train
 
     with tempfile.TemporaryDirectory() as directory:
-        engine.save_checkpoint(directory, tag=ENGINE_TAG)  # every rank: ZeRO partitions live on each
-        (Path(directory) / f"reader-{rank}.json").write_text(json.dumps(batches.state_dict()))
-        if rank == 0:
-            (Path(directory) / STATE_FILE).write_text(json.dumps({"step": step, "run_id": run_id}))
+        checkpoint.save(Path(directory), engine, batches.state_dict(), checkpoint.TrainerState(step, run_id), rank)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
@@ -197,32 +193,40 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                               config.task, config.micro_batch_size, config.eval_batches)
 
     step, run_id = 0, None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            engine.load_checkpoint(directory, tag=ENGINE_TAG)
-            batches.load_state_dict(json.loads((Path(directory) / f"reader-{rank}.json").read_text()))
-            state = json.loads((Path(directory) / STATE_FILE).read_text())
-            step, run_id = state["step"], state["run_id"]
+    saved = ray.train.get_checkpoint()
+    if saved:
+        with saved.as_directory() as directory:
+            trainer_state, reader_state = checkpoint.restore(Path(directory), engine, rank)
+        batches.load_state_dict(reader_state)
+        step, run_id = trainer_state.step, trainer_state.run_id
     # Which Ray nodes the workers run on: a multi-node run says so in its MLflow tags.
     node_ids: list[str | None] = [None] * world_size
     dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
     tracker = NoTracker()
     if rank == 0:
         tracker = Tracker(config.resolved_tracking_uri(), config.experiment, config.run_name, run_id,
-                          config.parent_run_id)
+                          config.parent_run_id, run_directory=config.run_directory())
         manifest = load_manifest(config.data)
-        tracker.log_params(run_params(config.to_dict(), model_config, world_size, manifest))
+        shown_config = {key: mask_credentials(value) if isinstance(value, str) else value
+                        for key, value in config.to_dict().items()}
+        tracker.log_params(run_params(shown_config, model_config, world_size, manifest))
         tracker.set_tags({"git_commit": loop_config["git_commit"],
                           "ray_job_id": loop_config["ray_job_id"],
                           "resumed_from_step": str(step), "ray_nodes": str(len(set(node_ids))),
                           "ray_node_ids": ",".join(sorted(set(node_ids)))})
         if run_id is None:
-            tracker.log_dict(config.to_dict(), "config/train.json")
+            tracker.log_dict(shown_config, "config/train.json")
             tracker.log_dict(model_config.to_dict(), "config/model.json")
             tracker.log_dict(deepspeed_config(config, world_size), "config/deepspeed.json")
         print(f"training {model_config.attention} ({model_config.kernel}, D={model_config.num_features}) on "
               f"{world_size} workers from step {step}; MLflow run {tracker.run_id}", flush=True)
+    # After a restart, the steps between the checkpoint and the interruption were logged already (and
+    # are recomputed identically): their metrics are not logged twice, so every curve stays continuous.
+    logged_through = tracker.last_step("train_loss") if rank == 0 and run_id else 0
+    if logged_through > step:
+        tracker.set_tags({"metrics_resumed_after_step": str(logged_through)})
+        print(f"steps {step + 1}-{logged_through} were logged before the restart; logging resumes at step "
+              f"{logged_through + 1}", flush=True)
 
     iterator = iter(batches)
     engine.train()
@@ -248,7 +252,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         }
         if step % config.eval_every == 0 or step == config.max_steps:
             metrics.update(_evaluate(engine, evaluation, config.task))
-        tracker.log_metrics(metrics, step)
+        if step > logged_through:
+            tracker.log_metrics(metrics, step)
         if rank == 0:
             shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in
                               ("train_loss", "eval_loss", "eval_accuracy", "tokens_per_s"))

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from macformer.errors import MacformerError
 from macformer.features.maclaurin import worst_pair_relative_std
 from macformer.features.spectral import COMPONENTS, LEARNED_WEIGHTS, WEIGHTS, gerf_parameters
 from macformer.kernels import KERNELS, get_kernel
@@ -23,7 +24,7 @@ POOLINGS = ("mean", "cls")
 
 
 def _fail(name: str, value: Any, expected: str) -> None:
-    raise ValueError(f"MacformerConfig.{name}: expected {expected}, got {value!r}")
+    raise MacformerError(f"MacformerConfig.{name}: expected {expected}, got {value!r}")
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -201,7 +202,7 @@ class MacformerConfig:
         try:
             sign, _ = gerf_parameters(self.component, self.head_dim, self.gerf_a, self.gerf_sign, self.oprf_rho)
         except ValueError as error:
-            raise ValueError(f"MacformerConfig: {error}") from None
+            raise MacformerError(f"MacformerConfig: {error}") from None
         if sign < 0 and self.num_features % 2:
             _fail("num_features", self.num_features, f"an even number for component {self.component!r} (cos/sin pairs)")
         rows = self.num_features // 2 if sign < 0 else self.num_features
@@ -236,7 +237,7 @@ class MacformerConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(
+            raise MacformerError(
                 f"MacformerConfig: unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
             )
         return cls(**data)

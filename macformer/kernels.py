@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from macformer.errors import MacformerError
+
 __all__ = ["KERNELS", "DotProductKernel", "get_kernel", "kernel_from_coefficients"]
 
 # Coefficients of user kernels given as a callable are checked for sign up to this degree.
@@ -43,7 +45,7 @@ class DotProductKernel:
     def coefficients(self, n: int) -> torch.Tensor:
         """a_0..a_n as a float64 tensor of length n + 1."""
         if not isinstance(n, int) or n < 0:
-            raise ValueError(f"coefficients(n) needs a non-negative integer degree, got {n!r}")
+            raise MacformerError(f"coefficients(n) needs a non-negative integer degree, got {n!r}")
         return torch.tensor([self.coefficient(i) for i in range(n + 1)], dtype=torch.float64)
 
     def fn(self, t: torch.Tensor) -> torch.Tensor:
@@ -115,19 +117,19 @@ def kernel_from_coefficients(
     else:
         values = [float(c) for c in coefficients]
         if not values:
-            raise ValueError("a user-defined kernel needs at least one coefficient, got an empty list")
+            raise MacformerError("a user-defined kernel needs at least one coefficient, got an empty list")
         coefficient = lambda n: values[n] if n < len(values) else 0.0
         max_degree = len(values) - 1
         radius = math.inf if radius is None else radius
     bad = [(n, a) for n, a in enumerate(values) if not math.isfinite(a) or a < 0]
     if bad:
         n, a = bad[0]
-        raise ValueError(
+        raise MacformerError(
             f"kernel coefficients must be finite and non-negative (random Maclaurin features need "
             f"a_n >= 0); coefficient a_{n} = {a}"
         )
     if not radius > 0:
-        raise ValueError(f"radius of convergence must be positive, got {radius}")
+        raise MacformerError(f"radius of convergence must be positive, got {radius}")
     exact_terms = values if max_degree is not None else values[: num_terms + 1]
     return DotProductKernel(name, coefficient, lambda t: _partial_sum(exact_terms, t), radius, max_degree)
 
@@ -139,14 +141,14 @@ def get_kernel(kernel: str | DotProductKernel | Sequence[float]) -> DotProductKe
         return kernel
     if isinstance(kernel, str):
         if kernel not in KERNELS:
-            raise ValueError(
+            raise MacformerError(
                 f"unknown kernel {kernel!r}; valid choices: {', '.join(sorted(KERNELS))}, "
                 "or a list of non-negative Maclaurin coefficients"
             )
         return KERNELS[kernel]
     if isinstance(kernel, Sequence):
         return kernel_from_coefficients(kernel)
-    raise ValueError(
+    raise MacformerError(
         f"kernel must be a name ({', '.join(sorted(KERNELS))}), a DotProductKernel or a coefficient "
         f"list, got {type(kernel).__name__}"
     )

@@ -18,6 +18,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from macformer.config import MacformerConfig
+from macformer.errors import MacformerError
 from macformer.layers import LayerCache, MacformerBlock
 
 CONFIG_FILE = "config.json"
@@ -43,7 +44,7 @@ class PreTrainedMacformer(nn.Module):
     def __init__(self, config: MacformerConfig) -> None:
         super().__init__()
         if not isinstance(config, MacformerConfig):
-            raise ValueError(f"expected a MacformerConfig, got {type(config).__name__}")
+            raise MacformerError(f"expected a MacformerConfig, got {type(config).__name__}")
         self.config = config
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -80,10 +81,10 @@ class PreTrainedMacformer(nn.Module):
         config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
         for path in (config_path, weights_path):
             if not path.is_file():
-                raise ValueError(f"{path} not found: expected a directory written by save_pretrained()")
+                raise MacformerError(f"{path} not found: expected a directory written by save_pretrained()")
         payload = json.loads(config_path.read_text())
         if payload.get("model_type") != cls.__name__:
-            raise ValueError(f"{directory} holds a {payload.get('model_type')}, not a {cls.__name__}")
+            raise MacformerError(f"{directory} holds a {payload.get('model_type')}, not a {cls.__name__}")
         model = cls(MacformerConfig.from_saved(payload["config"]))
         load_model(model, str(weights_path), device=str(device))
         return model.to(device)
@@ -118,15 +119,15 @@ class MacformerModel(PreTrainedMacformer):
     ) -> torch.Tensor:
         """input_ids [batch, seq] -> hidden states [batch, seq (+1 with CLS), d_model]."""
         if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+            raise MacformerError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         length = input_ids.shape[1]
         if position_offset + length > self.config.max_seq_len:
-            raise ValueError(
+            raise MacformerError(
                 f"sequence of {position_offset + length} tokens exceeds max_seq_len={self.config.max_seq_len}; "
                 "raise max_seq_len in the config or shorten the input"
             )
         if bool((input_ids < 0).any()) or bool((input_ids >= self.config.vocab_size).any()):
-            raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size})")
+            raise MacformerError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size})")
         x = self.token_embedding(input_ids)
         padding = _padding_mask(attention_mask)
         if self.cls_embedding is not None:
@@ -181,9 +182,9 @@ class MacformerForSequenceClassification(PreTrainedMacformer):
     def __init__(self, config: MacformerConfig) -> None:
         super().__init__(config)
         if config.num_classes is None:
-            raise ValueError("MacformerForSequenceClassification needs config.num_classes")
+            raise MacformerError("MacformerForSequenceClassification needs config.num_classes")
         if config.causal:
-            raise ValueError("MacformerForSequenceClassification is a bidirectional encoder: set causal=False")
+            raise MacformerError("MacformerForSequenceClassification is a bidirectional encoder: set causal=False")
         self.encoder = MacformerModel(config)
         pooled = config.d_model * (4 if config.dual_encoder else 1)
         self.head = nn.Sequential(
@@ -211,11 +212,11 @@ class MacformerForSequenceClassification(PreTrainedMacformer):
         pooled = self._pool(input_ids, attention_mask)
         if self.config.dual_encoder:
             if pair_input_ids is None:
-                raise ValueError("dual_encoder=True needs pair_input_ids (the second document)")
+                raise MacformerError("dual_encoder=True needs pair_input_ids (the second document)")
             other = self._pool(pair_input_ids, pair_attention_mask)
             pooled = torch.cat([pooled, other, pooled * other, pooled - other], dim=-1)
         elif pair_input_ids is not None:
-            raise ValueError("pair_input_ids given but config.dual_encoder is False")
+            raise MacformerError("pair_input_ids given but config.dual_encoder is False")
         logits = self.head(pooled)
         loss = None if labels is None else F.cross_entropy(logits.float(), labels)
         return ModelOutput(logits, loss)
@@ -228,7 +229,7 @@ class MacformerForCausalLM(PreTrainedMacformer):
     def __init__(self, config: MacformerConfig) -> None:
         super().__init__(config)
         if not config.causal:
-            raise ValueError("MacformerForCausalLM needs causal=True in its MacformerConfig")
+            raise MacformerError("MacformerForCausalLM needs causal=True in its MacformerConfig")
         self.model = MacformerModel(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.apply(self._init_weights)
@@ -267,7 +268,7 @@ class MacformerForCausalLM(PreTrainedMacformer):
         """Continue each prompt by up to `max_new_tokens` tokens (temperature 0: greedy). Sequences
         that emit `eos_token_id` are padded with it afterwards. Returns [batch, prompt + new]."""
         if max_new_tokens < 0 or temperature < 0:
-            raise ValueError("generate() needs max_new_tokens >= 0 and temperature >= 0")
+            raise MacformerError("generate() needs max_new_tokens >= 0 and temperature >= 0")
         was_training = self.training
         self.eval()  # frozen features and no dropout while the caches are built
         try:

@@ -37,6 +37,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from macformer.errors import MacformerError
+
 NORM_EPS = 1e-6
 # Bound on |q . k| for kernels with an infinite radius (exp, trigh) and the softmax-estimating maps.
 EXP_MAX_TEMPERATURE = 2.0
@@ -80,9 +82,9 @@ class PreSBN(nn.Module):
     ) -> None:
         super().__init__()
         if not max_temperature > 0:
-            raise ValueError(f"max_temperature must be positive, got {max_temperature}")
+            raise MacformerError(f"max_temperature must be positive, got {max_temperature}")
         if not 0 < initial_temperature < max_temperature:
-            raise ValueError(
+            raise MacformerError(
                 f"initial_temperature must lie in (0, max_temperature={max_temperature}), got {initial_temperature}"
             )
         self.max_temperature = max_temperature

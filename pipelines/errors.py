@@ -1,6 +1,7 @@
-"""The one error type the pipelines raise for bad input: its message is a single line that names
-the problem and the fix, printed as is by the command line (exit code 2)."""
+"""The error type the pipelines and the launcher raise for bad input (see macformer.errors)."""
+
+from macformer.errors import MacformerError
 
 
-class PipelineError(ValueError):
+class PipelineError(MacformerError):
     pass

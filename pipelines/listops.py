@@ -14,6 +14,8 @@ import statistics
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from macformer.errors import MacformerError
+
 OPERATORS = ("[MAX", "[MIN", "[MED", "[SM")
 CLOSE = "]"
 DIGITS = tuple(str(d) for d in range(10))
@@ -45,11 +47,11 @@ class ListOpsSpec:
         for name in ("max_depth", "max_args", "min_length", "max_length"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ListOps {name} must be a positive integer, got {value!r}")
+                raise MacformerError(f"ListOps {name} must be a positive integer, got {value!r}")
         if self.max_args < 2:
-            raise ValueError(f"ListOps max_args must be at least 2 (operators take 2 or more), got {self.max_args}")
+            raise MacformerError(f"ListOps max_args must be at least 2 (operators take 2 or more), got {self.max_args}")
         if self.min_length > self.max_length:
-            raise ValueError(f"ListOps min_length={self.min_length} exceeds max_length={self.max_length}; "
+            raise MacformerError(f"ListOps min_length={self.min_length} exceeds max_length={self.max_length}; "
                              "lower --min-length or raise --max-length")
 
 
@@ -74,7 +76,7 @@ def generate(count: int, seed: int, spec: ListOpsSpec = ListOpsSpec(), max_attem
     while produced < count:
         attempts += 1
         if attempts > limit:
-            raise ValueError(f"ListOps: only {produced} of {count} samples in {limit} attempts; "
+            raise MacformerError(f"ListOps: only {produced} of {count} samples in {limit} attempts; "
                              "widen --min-length/--max-length or raise --max-depth")
         tokens: list[str] = []
         # Depth 1 at the root, as in LRA; the root is always an operator.
@@ -101,10 +103,10 @@ def evaluate(tokens: Sequence[str]) -> int:
             stack.append((token, []))
         elif token == CLOSE:
             if not stack:
-                raise ValueError("ListOps: ']' without an open operator")
+                raise MacformerError("ListOps: ']' without an open operator")
             operator, values = stack.pop()
             if not values:
-                raise ValueError(f"ListOps: {operator} closed without arguments")
+                raise MacformerError(f"ListOps: {operator} closed without arguments")
             value = apply(operator, values)
             if stack:
                 stack[-1][1].append(value)
@@ -112,12 +114,12 @@ def evaluate(tokens: Sequence[str]) -> int:
                 result = value
         elif token in DIGITS:
             if not stack:
-                raise ValueError("ListOps: a digit outside any operator")
+                raise MacformerError("ListOps: a digit outside any operator")
             stack[-1][1].append(int(token))
         else:
-            raise ValueError(f"ListOps: unknown token {token!r}")
+            raise MacformerError(f"ListOps: unknown token {token!r}")
     if stack or result is None:
-        raise ValueError("ListOps: unbalanced expression")
+        raise MacformerError("ListOps: unbalanced expression")
     return result
 
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pipelines
 from pipelines import listops
 from pipelines.errors import PipelineError
-from pipelines.output import is_up_to_date, staged_directory
+from pipelines.output import is_up_to_date, publish, staged_directory
 from pipelines.shards import ShardWriter, load_manifest, write_manifest
 
 Row = dict[str, Any]
@@ -128,14 +128,29 @@ def grayscale(rgb: np.ndarray) -> np.ndarray:
     return np.rint(0.2989 * planes[:, 0] + 0.5870 * planes[:, 1] + 0.1140 * planes[:, 2]).astype(np.uint8)
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles what a CIFAR-10 python batch holds (dicts, lists, bytes, numpy arrays) and nothing
+    else: any other global a pickle names could run code, so it is refused."""
+
+    ALLOWED = frozenset({("_codecs", "encode"), ("numpy", "ndarray"), ("numpy", "dtype"),
+                         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                         ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")})
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which no CIFAR-10 batch does; refusing to "
+                                         "load it (unpickling it could run code)")
+        return super().find_class(module, name)
+
+
 def _cifar_rows(files: list[Path]) -> Iterator[Row]:
     for path in files:
         try:
             with open(path, "rb") as handle:
-                batch = pickle.load(handle, encoding="bytes")
+                batch = _CifarUnpickler(handle, encoding="bytes").load()
             data, labels = np.asarray(batch[b"data"]), batch[b"labels"]
-        except (pickle.UnpicklingError, KeyError, EOFError) as error:
-            raise PipelineError(f"{path} is not a CIFAR-10 python batch ({error!r}); use cifar-10-batches-py") from None
+        except (pickle.UnpicklingError, KeyError, EOFError, TypeError) as error:
+            raise PipelineError(f"{path} is not a CIFAR-10 python batch ({error}); use cifar-10-batches-py") from None
         for pixels, label in zip(grayscale(data), labels, strict=True):
             yield {"input_ids": (pixels.astype(np.int32) + 1).tolist(), "label": int(label)}
 
@@ -237,6 +252,8 @@ def write_task(task: TaskData, output: str | Path, settings: dict[str, Any], sha
             "num_classes": task.num_classes, "max_length": task.max_length, "settings": settings,
             "fingerprint": fingerprint, "pipeline_version": pipelines.__version__,
         })
+        if not publish(staging, output, fingerprint, overwrite):
+            log(f"{output} was written meanwhile by another run with the same inputs and settings; kept it")
     manifest = load_manifest(output)
     log(f"wrote {task.name} to {output}: " + ", ".join(f"{n} {s}" for s, n in manifest["splits"].items()))
     return manifest

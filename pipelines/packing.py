@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from macformer.errors import MacformerError
+
 
 @dataclass
 class PackedWindows:
@@ -21,7 +23,7 @@ class WindowPacker:
 
     def __init__(self, seq_len: int) -> None:
         if seq_len < 1:
-            raise ValueError(f"seq_len must be positive, got {seq_len}")
+            raise MacformerError(f"seq_len must be positive, got {seq_len}")
         self.seq_len = seq_len
         self._buffer = np.empty(0, dtype=np.int32)
         self._starts = np.empty(0, dtype=np.int64)  # document starts, as offsets into _buffer

@@ -16,11 +16,11 @@ import pyarrow as pa
 
 import pipelines
 from pipelines.errors import PipelineError
-from pipelines.output import is_up_to_date, staged_directory
+from pipelines.output import is_up_to_date, publish, staged_directory
 from pipelines.packing import WindowPacker
 from pipelines.ray_runtime import ray_session
 from pipelines.shards import SHARD_FORMATS, ShardWriter, load_manifest, write_manifest
-from pipelines.sources import InputFile, check_text_column, open_dataset, resolve_inputs
+from pipelines.sources import InputFile, check_text_column, drop_binary_files, open_dataset, resolve_inputs
 from pipelines.tokenizer import (
     MODEL_TYPES,
     load_tokenizer_bytes,
@@ -124,7 +124,10 @@ def prepare(config: PrepareConfig, log=print) -> dict[str, Any]:
     """Run the pipeline; returns the manifest. A finished identical output is left as it is."""
     start = time.perf_counter()
     output = Path(config.output).resolve()
-    files = resolve_inputs(list(config.inputs), config.stdlib_limit)
+    files, binary = drop_binary_files(resolve_inputs(list(config.inputs), config.stdlib_limit))
+    if binary:
+        log(f"skipped {len(binary)} input file(s) that are not UTF-8 text (binary data or another encoding; "
+            f"e.g. {binary[0].path})")
     check_text_column(files, config.text_column)
     given_tokenizer = load_tokenizer_bytes(config.tokenizer) if config.tokenizer else None
     fingerprint = _fingerprint(config, files, sha256_bytes(given_tokenizer) if given_tokenizer else None)
@@ -136,6 +139,8 @@ def prepare(config: PrepareConfig, log=print) -> dict[str, Any]:
         manifest.update(fingerprint=fingerprint, command=config.command, config=config.fingerprint_fields(),
                         pipeline_version=pipelines.__version__)
         write_manifest(staging, manifest)
+        if not publish(staging, output, fingerprint, config.overwrite):
+            log(f"{output} was prepared meanwhile by another run with the same inputs and settings; kept it")
     manifest = load_manifest(output)
     elapsed = time.perf_counter() - start
     log(f"prepared {output}: {manifest['documents']} documents, {manifest['total_tokens']} tokens, "

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import codecs
 import glob
 import json
 import os
@@ -19,6 +20,7 @@ JSON_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 PARQUET_SUFFIXES = {".parquet"}
 # Formats read through HF `datasets` builders (one row per record).
 HF_BUILDERS = {".csv": "csv", ".tsv": "tsv", ".arrow": "arrow"}
+TEXT_PROBE_BYTES = 1 << 16
 TEXT_SUFFIXES_SKIPPED = {".pyc", ".so", ".o", ".a", ".gz", ".zip", ".png", ".jpg"}
 
 
@@ -116,6 +118,27 @@ def resolve_inputs(specs: list[str], stdlib_limit: int | None = None) -> list[In
     if sum(f.size for f in result) == 0:
         raise PipelineError("the corpus is empty (every input file has 0 bytes); give inputs with text")
     return result
+
+
+def looks_like_text(path: str) -> bool:
+    """Whether a plain-text input is UTF-8 text: its first TEXT_PROBE_BYTES have no NUL byte and at
+    most 1% undecodable characters (a binary file renamed .txt fails; a stray Latin-1 byte does not)."""
+    with open(path, "rb") as handle:
+        head = handle.read(TEXT_PROBE_BYTES)
+    if b"\0" in head:
+        return False
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    text = decoder.decode(head, final=len(head) < TEXT_PROBE_BYTES)  # a character cut at the end is not an error
+    return text.count("\ufffd") <= 0.01 * max(1, len(text))
+
+
+def drop_binary_files(files: list[InputFile]) -> tuple[list[InputFile], list[InputFile]]:
+    """(text inputs kept, local plain-text inputs skipped because they hold binary data)."""
+    skipped = [f for f in files if f.kind == "text" and not _is_uri(f.path) and not looks_like_text(f.path)]
+    if len(skipped) == len(files):
+        raise PipelineError(f"none of the {len(files)} inputs is UTF-8 text (e.g. {files[0].path} holds binary "
+                            "data); give text files")
+    return [f for f in files if f not in skipped], skipped
 
 
 def check_text_column(files: list[InputFile], column: str) -> None:

@@ -1,8 +1,10 @@
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -77,3 +79,70 @@ def ray_node_ports() -> list[str]:
     """Own agent ports for a Ray node: another local Ray (the session's) already holds the defaults."""
     return ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
             "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())]
+
+
+def is_loopback(address: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
+
+
+def listening_addresses(pids: set[int]) -> set[tuple[str, int]]:
+    """(address, port) of every listening TCP socket the given processes hold."""
+    import psutil
+
+    return {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.pid in pids}
+
+
+class ListenerSampler:
+    """Samples, in a background thread, the listening sockets of this process and its descendants."""
+
+    def __init__(self, interval_s: float = 0.5) -> None:
+        import threading
+
+        self.seen: set[tuple[str, int]] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True)
+
+    def _run(self, interval_s: float) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            try:
+                pids = {me.pid, *(child.pid for child in me.children(recursive=True))}
+                self.seen |= listening_addresses(pids)
+            except psutil.Error:  # a process ended while it was listed
+                pass
+            self._stop.wait(interval_s)
+
+    def __enter__(self) -> "ListenerSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def exposed(self) -> set[tuple[str, int]]:
+        return {(address, port) for address, port in self.seen if not is_loopback(address)}
+
+
+@pytest.fixture
+def ray_head():
+    """A separate Ray head on 127.0.0.1 with the Jobs API, stopped with its whole process group."""
+    temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    dashboard = free_port()
+    head = start_service(["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+                          "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port",
+                          str(dashboard), "--num-cpus", "2", "--disable-usage-stats", "--temp-dir", temp_dir,
+                          *ray_node_ports()])
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        wait_for_url(f"{address}/api/version", "the Ray head")
+        yield address
+    finally:
+        stop_service(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)

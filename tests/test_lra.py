@@ -1,5 +1,6 @@
 """ListOps generation and evaluation, and the LRA file readers, on files the tests write."""
 
+import os
 import pickle
 from pathlib import Path
 
@@ -124,6 +125,22 @@ def test_image_reader_converts_to_grayscale(tmp_path) -> None:
     (tmp_path / "data_batch_2").write_bytes(b"not a pickle")
     with pytest.raises(PipelineError, match="not a CIFAR-10 python batch"):
         lra.write_task(lra.image_task(tmp_path), tmp_path / "bad", {})
+
+
+class _RunsCode:
+    """What a malicious pickle carries: unpickling it calls a function of the attacker's choice."""
+
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_image_reader_refuses_a_pickle_that_would_run_code(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in ("data_batch_1", "test_batch"):
+        (tmp_path / name).write_bytes(pickle.dumps({b"data": _RunsCode(), b"labels": [0]}))
+    with pytest.raises(PipelineError, match=r"refers to posix\.system.*refusing to load it"):
+        lra.write_task(lra.image_task(tmp_path), tmp_path / "out", {})
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
 
 
 def test_pathfinder_reader(tmp_path) -> None:

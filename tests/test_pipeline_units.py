@@ -11,7 +11,7 @@ from pipelines.errors import PipelineError
 from pipelines.packing import WindowPacker
 from pipelines.reader import ShardReader
 from pipelines.shards import ShardWriter, load_manifest, write_manifest
-from pipelines.sources import resolve_inputs, stdlib_files
+from pipelines.sources import drop_binary_files, resolve_inputs, stdlib_files
 from pipelines.tokenizer import processor_from_bytes, train_tokenizer
 
 
@@ -146,3 +146,14 @@ def test_input_resolution_errors(tmp_path) -> None:
     with pytest.raises(PipelineError, match="corpus is empty"):
         resolve_inputs([str(tmp_path / "empty.txt")])
     assert len(resolve_inputs(["stdlib"], stdlib_limit=3)) == 3
+
+
+def test_files_that_are_not_utf8_text_are_counted_and_skipped(tmp_path) -> None:
+    (tmp_path / "code.txt").write_text("def f():\n    return 'é'\n" * 100)
+    (tmp_path / "stray_byte.txt").write_bytes(b"caf\xe9 au lait, " + b"plain text " * 200)  # one Latin-1 byte
+    (tmp_path / "image.txt").write_bytes(bytes(range(256)) * 50)  # binary renamed .txt
+    kept, skipped = drop_binary_files(resolve_inputs([str(tmp_path)]))
+    assert [Path(f.path).name for f in skipped] == ["image.txt"]
+    assert sorted(Path(f.path).name for f in kept) == ["code.txt", "stray_byte.txt"]
+    with pytest.raises(PipelineError, match="none of the 1 inputs is UTF-8 text"):
+        drop_binary_files(resolve_inputs([str(tmp_path / "image.txt")]))

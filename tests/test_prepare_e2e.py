@@ -2,13 +2,18 @@
 
 import csv
 import json
+import os
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import BIN
 
 from launcher.cli import main
 from pipelines.errors import PipelineError
@@ -184,3 +189,45 @@ def test_valid_fraction_holds_out_whole_documents(stdlib_dataset, tmp_path) -> N
         stream = _stream(processor, chosen)
         np.testing.assert_array_equal(rebuilt, stream[: len(rebuilt)])
     assert manifest["total_tokens"] == len(_stream(processor, texts))
+
+
+def _prepare_process(output: Path, *args: str) -> subprocess.Popen:
+    """`macformer prepare` as a user runs it: its own process, so it starts its own private Ray."""
+    return subprocess.Popen([str(BIN / "macformer"), "prepare", "--input", "stdlib", "--stdlib-limit", "6",
+                             "--output", str(output), "--seq-len", "64", "--vocab-size", "400",
+                             "--tokenizer-sample-mb", "0.2", *args],
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_a_killed_prepare_leaves_no_ray_running_and_the_next_cleans_its_staging(tmp_path) -> None:
+    import psutil
+
+    output = tmp_path / "data"
+    process = _prepare_process(output)
+    driver = psutil.Process(process.pid)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # until its Ray runs and the staging directory exists
+        children = driver.children(recursive=True)
+        if any("raylet" in " ".join(c.cmdline()) for c in children) and list(tmp_path.glob(".data.tmp-*")):
+            break
+        time.sleep(0.2)
+    time.sleep(1)
+    ray_processes = driver.children(recursive=True)
+    assert len(ray_processes) >= 3
+    os.kill(process.pid, signal.SIGKILL)  # no cleanup code of the driver runs
+    process.wait()
+    _, alive = psutil.wait_procs(ray_processes, timeout=30)
+    assert not [p.cmdline()[:2] for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    assert list(tmp_path.glob(".data.tmp-*"))  # the dead driver's staging directory is left ...
+
+    rerun = _prepare_process(output)
+    log, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, log[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # ... and removed by the next run
+
+
+def test_without_ray_address_prepare_starts_its_own_ray_beside_a_running_cluster(tmp_path, ray_head) -> None:
+    process = _prepare_process(tmp_path / "data")
+    log, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, log[-2000:]
+    assert "Started a local Ray instance" in log and "Connecting to existing Ray cluster" not in log

@@ -1,20 +1,33 @@
 """`macformer train` end to end: Ray Train + DeepSpeed on 2 CPU workers (gloo), tracked in MLflow."""
 
+import contextlib
 import os
+import shutil
 import signal
+import subprocess
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
 import torch
-from conftest import free_port, ray_node_ports, start_service, stop_service, wait_for_url
+from conftest import (
+    BIN,
+    ListenerSampler,
+    free_port,
+    is_loopback,
+    listening_addresses,
+    ray_node_ports,
+)
 
 from launcher.cli import main
 from launcher.config import ConfigError, TrainConfig
 from launcher.train import train
 from macformer import MacformerForCausalLM
 from pipelines import lra
+from pipelines.errors import PipelineError
 from pipelines.listops import ListOpsSpec
 from pipelines.prepare import PrepareConfig, prepare
 
@@ -66,7 +79,10 @@ def _run(config: TrainConfig):
 
 def test_lm_trains_with_zero2_bf16_and_is_tracked(tmp_path, lm_data, capsys) -> None:
     config = _config(tmp_path, lm_data)
-    metrics = train(config)
+    with ListenerSampler() as listeners:
+        metrics = train(config)
+    # A local run listens on loopback only (Ray, the torch.distributed store, gloo).
+    assert len(listeners.seen) > 3 and not listeners.exposed(), listeners.exposed()
     losses = _history(config, "train_loss")
     assert sorted(losses) == list(range(1, 13))
     assert sum(list(losses.values())[-3:]) < sum(list(losses.values())[:3]) - 0.3
@@ -133,7 +149,10 @@ def _kill_a_worker_after(config: TrainConfig, step: int, done: threading.Event) 
 
 
 def test_killed_worker_resumes_from_checkpoint_with_identical_steps(tmp_path, lm_data) -> None:
-    settings = {"max_steps": 8, "checkpoint_every": 2, "eval_every": 100, "schedule": "constant"}
+    # Dropout and feature redraws draw random numbers every step: identical steps after the restart
+    # need the RNG states and the redraw counters restored, not only weights and data positions.
+    model = {**MODEL, "dropout": 0.1, "feature_redraw_interval": 3}
+    settings = {"max_steps": 8, "checkpoint_every": 2, "eval_every": 100, "schedule": "constant", "model": model}
     reference = _config(tmp_path / "a", lm_data, **settings)
     train(reference)
     interrupted = _config(tmp_path / "b", lm_data, max_failures=2, **settings)
@@ -188,27 +207,6 @@ def test_tracker_survives_a_failing_store(tmp_path, capsys) -> None:
     mlflow.end_run()
 
 
-@pytest.fixture
-def ray_head():
-    """A separate Ray head on 127.0.0.1 with the Jobs API, stopped with its whole process group."""
-    import shutil
-    import tempfile
-
-    temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    dashboard = free_port()
-    head = start_service(["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-                          "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port",
-                          str(dashboard), "--num-cpus", "2", "--disable-usage-stats", "--temp-dir", temp_dir,
-                          *ray_node_ports()])
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        wait_for_url(f"{address}/api/version", "the Ray head")
-        yield address
-    finally:
-        stop_service(head)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
 def test_ray_job_submit_runs_training(tmp_path, lm_data, ray_head, capsys) -> None:
     import yaml
 
@@ -245,3 +243,117 @@ def test_sweep_makes_child_runs_and_compare_prints_them(tmp_path, lm_data, capsy
     row = table.splitlines()[2].split(" | ")
     assert float(row[header.index("temperature")]) > 0 and 0 < float(row[header.index("entropy")]) <= 1
     assert (tmp_path / "plots" / "quality_vs_features.png").stat().st_size > 0
+
+
+class _RunsCode:
+    """A pickled object whose loading runs a shell command (what a crafted checkpoint would carry)."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _train_process(config_path, *args: str) -> subprocess.Popen:
+    """`macformer train` in its own process group, as a user's terminal runs it."""
+    return subprocess.Popen([str(BIN / "macformer"), "train", "--config", str(config_path), *args],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_interrupt_marks_the_run_killed_and_resume_logs_every_step_once(tmp_path, lm_data, capsys) -> None:
+    import yaml
+
+    config = _config(tmp_path, lm_data, max_steps=30, checkpoint_every=2, eval_every=100, schedule="constant")
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    process = _train_process(path)
+    snapshot = tmp_path / "runs" / "run" / "checkpoint_manager_snapshot.json"  # Ray Train has a checkpoint
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        with contextlib.suppress(Exception):  # the experiment or run may not exist yet
+            if snapshot.exists() and max(_history(config, "train_loss"), default=0) >= 3:
+                break
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: the whole foreground process group
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    own = "\n".join(line for line in stderr.splitlines() if "pid=" not in line)  # not Ray's forwarded logs
+    assert "marked KILLED" in own and "--resume" in own and "Traceback" not in own
+    client, run = _run(config)
+    assert run.info.status == "KILLED" and run.info.end_time is not None
+    logged = max(_history(config, "train_loss"))
+    assert 3 <= logged < 30
+
+    train(config, resume=True)
+    client, run = _run(config)
+    steps = [point.step for point in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert sorted(steps) == list(range(1, 31))  # each step exactly once: continuous across the restart
+    assert run.info.status == "FINISHED" and int(run.data.tags["resumed_from_step"]) <= logged
+
+    # A checkpoint that would run code when unpickled is refused before anything in it executes.
+    marker = tmp_path / "pwned"
+    for states in (tmp_path / "runs" / "run").glob("checkpoint_*/engine/mp_rank_00_model_states.pt"):
+        torch.save({"module": _RunsCode(marker)}, states)
+    capsys.readouterr()
+    assert main(["train", "--config", str(path), "--resume"]) == 2
+    error = capsys.readouterr().err
+    assert "refusing to load it" in error and "posix.system" in error, error[-2000:]
+    assert not marker.exists()
+
+
+def test_a_corrupt_shard_is_one_line_and_leaves_no_run_behind(tmp_path, lm_data, capsys) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(lm_data, data)
+    (shard,) = data.glob("*.parquet")
+    content = bytearray(shard.read_bytes())
+    content[len(content) // 2] ^= 0xFF  # same size, one byte flipped
+    shard.write_bytes(content)
+    config = _config(tmp_path, data)
+    for _ in range(2):  # the second try is not blocked by anything the first left
+        with pytest.raises(PipelineError, match=r"is corrupt .*re-run prepare --overwrite"):
+            train(config)
+    assert not (tmp_path / "runs" / "run").exists()
+
+
+def test_the_readme_ray_start_listens_on_loopback_only(tmp_path) -> None:
+    """The README's `ray start` (with its exports), as a user pastes it, given its own ports and temp dir."""
+    import psutil
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("### On a Ray cluster", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    setup = [line.split("#")[0].strip() for line in block.splitlines()
+             if line.startswith(("export ", "ray get-auth-token"))]
+    (start,) = [line.strip() for line in block.splitlines() if line.startswith("ray start")]
+    gcs = free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rayreadme-", dir="/tmp")  # Ray's socket paths must fit 107 bytes
+    command = " && ".join([*setup, f"exec {start} --block --port {gcs} --dashboard-port {free_port()} "
+                           f"--temp-dir {temp_dir} --disable-usage-stats {' '.join(ray_node_ports())}"])
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    environment.update(PATH=f"{BIN}:{environment.get('PATH', '')}", HOME=str(tmp_path))  # the token goes there
+    head = subprocess.Popen(["bash", "-c", command], env=environment, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        seen: set[tuple[str, int]] = set()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(port == gcs for _, port in seen):
+            group = {p.pid for p in psutil.process_iter() if _in_group(p, head.pid)}
+            seen |= listening_addresses(group)
+            time.sleep(0.5)
+        time.sleep(3)  # the agents start after the GCS
+        seen |= listening_addresses({p.pid for p in psutil.process_iter() if _in_group(p, head.pid)})
+        assert any(port == gcs for _, port in seen), "the Ray head did not start"
+        assert all(is_loopback(address) for address, _ in seen), seen
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)  # the whole group: SIGTERM makes Ray drain for 30 s first
+        head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _in_group(process, group: int) -> bool:
+    try:
+        return os.getpgid(process.pid) == group
+    except OSError:
+        return False

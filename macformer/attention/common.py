@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import torch
 
+from macformer.errors import MacformerError
+
 DENOMINATOR_EPS = 1e-2
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
+        raise MacformerError(
             f"q, k, v must be [batch, heads, seq, head_dim]; got shapes {tuple(q.shape)}, "
             f"{tuple(k.shape)}, {tuple(v.shape)}"
         )
     if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(
+        raise MacformerError(
             f"q, k, v shapes disagree: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)} "
             "(need equal batch/heads, k and v equal length, q and k equal head_dim)"
         )
@@ -34,7 +36,7 @@ def key_keep(key_padding_mask: torch.Tensor | None, k: torch.Tensor) -> torch.Te
     if key_padding_mask is None:
         return None
     if key_padding_mask.shape != (k.shape[0], k.shape[2]):
-        raise ValueError(
+        raise MacformerError(
             f"key_padding_mask must be [batch, seq_k] = {(k.shape[0], k.shape[2])} with True at "
             f"padding, got {tuple(key_padding_mask.shape)}"
         )

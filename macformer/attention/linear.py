@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from macformer.attention.common import DENOMINATOR_EPS, check_qkv, key_keep, log_gate_of, stabilised_ratio
+from macformer.errors import MacformerError
 from macformer.features.base import FeatureMap
 
 DEFAULT_CHUNK_SIZE = 64
@@ -57,7 +58,7 @@ def causal_linear_attention(
     feature rows (and g = 1).
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        raise MacformerError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     *lead, length, num_features = query_features.shape
     values = _with_ones(v)
     width = values.shape[-1]
@@ -145,7 +146,7 @@ def _features_and_values(
 
 def _check_gate(gate: torch.Tensor | None, q: torch.Tensor) -> None:
     if gate is not None and gate.shape != q.shape[:3]:
-        raise ValueError(f"gate must be [batch, heads, seq] = {tuple(q.shape[:3])}, got {tuple(gate.shape)}")
+        raise MacformerError(f"gate must be [batch, heads, seq] = {tuple(q.shape[:3])}, got {tuple(gate.shape)}")
 
 
 def causal_feature_attention(
@@ -168,7 +169,8 @@ def causal_feature_attention(
     check_qkv(q, k, v)
     _check_gate(gate, q)
     if q.shape[2] != k.shape[2]:
-        raise ValueError(f"causal feature attention needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
+        raise MacformerError(
+            f"causal feature attention needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
     with torch.autocast(device_type=q.device.type, enabled=False):
         query_features, key_features, values = _features_and_values(q, k, v, feature_map, key_padding_mask)
         log_gate = log_gate_of(gate, key_padding_mask)
@@ -203,7 +205,7 @@ def feature_attention(
         return causal_feature_attention(q, k, v, feature_map, None, key_padding_mask, gate, chunk_size, eps)[0]
     check_qkv(q, k, v)
     if gate is not None:
-        raise ValueError("the RFA gate is a recency decay and needs causal=True")
+        raise MacformerError("the RFA gate is a recency decay and needs causal=True")
     with torch.autocast(device_type=q.device.type, enabled=False):
         query_features, key_features, values = _features_and_values(q, k, v, feature_map, key_padding_mask)
         out = noncausal_linear_attention(query_features, key_features, values, eps)

@@ -15,6 +15,7 @@ from macformer.attention.common import (
     log_gate_of,
     stabilised_ratio,
 )
+from macformer.errors import MacformerError
 from macformer.kernels import DotProductKernel, get_kernel
 
 
@@ -51,7 +52,7 @@ def kernel_attention_weights(
     kernel = get_kernel(kernel)
     scores = q @ k.transpose(-1, -2)
     if math.isfinite(kernel.radius) and bool((scores.abs() >= kernel.radius).any()):
-        raise ValueError(
+        raise MacformerError(
             f"|q . k| reaches {scores.abs().max().item():.3g}, outside the {kernel.name} kernel's radius "
             f"of convergence {kernel.radius}; normalise q and k first (ppSBN)"
         )

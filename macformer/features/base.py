@@ -7,10 +7,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from macformer.errors import MacformerError
+
 
 def _check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise MacformerError(f"{name} must be a positive integer, got {value!r}")
     return value
 
 
@@ -38,7 +40,7 @@ class FeatureMap(nn.Module):
         if seed is None:  # follow torch's global RNG so torch.manual_seed makes maps reproducible
             seed = int(torch.randint(0, 2**62, ()).item())
         elif isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer or None, got {seed!r}")
+            raise MacformerError(f"seed must be an integer or None, got {seed!r}")
         self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64))
         self.register_buffer("draw_index", torch.tensor(0, dtype=torch.int64))
         # Training calls since the last draw: counted in Python (no device sync per step) and mirrored

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
+from macformer.errors import MacformerError
 from macformer.features.base import FeatureMap
 from macformer.kernels import DotProductKernel, get_kernel
 
@@ -98,16 +99,16 @@ class RandomMaclaurinFeatures(FeatureMap):
         super().__init__(dim, num_features, seed, redraw_interval)
         self.kernel = get_kernel(kernel)
         if not isinstance(p, (int, float)) or isinstance(p, bool) or not p > 1.0 or not math.isfinite(p):
-            raise ValueError(f"p must be a finite number > 1 (P(N=n) ∝ p^-n must be summable), got {p!r}")
+            raise MacformerError(f"p must be a finite number > 1 (P(N=n) ∝ p^-n must be summable), got {p!r}")
         if max_degree is not None and (isinstance(max_degree, bool) or not isinstance(max_degree, int)
                                        or max_degree < 0):
-            raise ValueError(f"max_degree must be a non-negative integer or None, got {max_degree!r}")
+            raise MacformerError(f"max_degree must be a non-negative integer or None, got {max_degree!r}")
         if linear_features and not constant_feature:
-            raise ValueError("linear_features=True needs constant_feature=True (degrees 0 and 1 both exact)")
+            raise MacformerError("linear_features=True needs constant_feature=True (degrees 0 and 1 both exact)")
         self.exact_degrees = int(constant_feature) + int(linear_features)  # degrees below this are exact
         num_exact = int(constant_feature) + dim * int(linear_features)
         if num_features <= num_exact:
-            raise ValueError(
+            raise MacformerError(
                 f"num_features={num_features} leaves no random feature after {num_exact} exact ones "
                 f"(constant_feature={constant_feature}, linear_features={linear_features}, dim={dim}); "
                 f"use num_features > {num_exact}"
@@ -115,7 +116,7 @@ class RandomMaclaurinFeatures(FeatureMap):
         if self.kernel.max_degree is not None:
             max_degree = self.kernel.max_degree if max_degree is None else min(max_degree, self.kernel.max_degree)
         if max_degree is not None and max_degree < self.exact_degrees:
-            raise ValueError(f"max_degree={max_degree} leaves no degree to sample above the exact terms")
+            raise MacformerError(f"max_degree={max_degree} leaves no degree to sample above the exact terms")
         self.p = float(p)
         self.constant_feature = constant_feature
         self.linear_features = linear_features

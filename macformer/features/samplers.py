@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import torch
 
+from macformer.errors import MacformerError
+
 __all__ = ["SAMPLERS", "fastfood_matrix", "get_sampler", "hadamard", "padded_size"]
 
 Sampler = Callable[[int, int, torch.Generator], torch.Tensor]
@@ -42,7 +44,7 @@ def orthogonal(num_rows: int, dim: int, generator: torch.Generator) -> torch.Ten
 def hadamard(size: int) -> torch.Tensor:
     """The normalised Sylvester-Hadamard matrix H / sqrt(size): orthonormal rows (size a power of 2)."""
     if size < 1 or size & (size - 1):
-        raise ValueError(f"Hadamard size must be a power of two, got {size}")
+        raise MacformerError(f"Hadamard size must be a power of two, got {size}")
     matrix = torch.ones(1, 1)
     while matrix.shape[0] < size:
         matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)])
@@ -120,7 +122,7 @@ def quasi_monte_carlo(num_rows: int, dim: int, generator: torch.Generator) -> to
 def moment_matched(num_rows: int, dim: int, generator: torch.Generator) -> torch.Tensor:
     """MM: Gaussian rows transformed to exactly zero sample mean and identity sample covariance."""
     if num_rows <= dim:
-        raise ValueError(
+        raise MacformerError(
             f"moment-matched weights need more rows than dim to have identity covariance "
             f"(got {num_rows} rows for dim {dim}); raise num_features or use the 'orthogonal' sampler"
         )
@@ -144,5 +146,5 @@ SAMPLERS: dict[str, Sampler] = {
 
 def get_sampler(name: str) -> Sampler:
     if name not in SAMPLERS:
-        raise ValueError(f"unknown weight sampler {name!r}; valid choices: {', '.join(SAMPLERS)}")
+        raise MacformerError(f"unknown weight sampler {name!r}; valid choices: {', '.join(SAMPLERS)}")
     return SAMPLERS[name]

@@ -28,6 +28,7 @@ import math
 import torch
 from torch import nn
 
+from macformer.errors import MacformerError
 from macformer.features.base import FeatureMap, _check_positive_int
 from macformer.features.samplers import SAMPLERS, fastfood_matrix, fastfood_parameters, get_sampler
 
@@ -58,15 +59,15 @@ def gerf_parameters(component: str, dim: int, gerf_a: float = 0.0, gerf_sign: in
     if component == "oprf":
         rho = default_oprf_rho(dim) if oprf_rho is None else oprf_rho
         if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho >= 0):
-            raise ValueError(f"oprf_rho must be a finite number >= 0 (the mean |x + y|^2 / d), got {rho!r}")
+            raise MacformerError(f"oprf_rho must be a finite number >= 0 (the mean |x + y|^2 / d), got {rho!r}")
         return 1, oprf_a(rho)
     if component == "gerf":
         if gerf_sign not in (1, -1):
-            raise ValueError(f"gerf_sign must be +1 (positive) or -1 (trigonometric), got {gerf_sign!r}")
+            raise MacformerError(f"gerf_sign must be +1 (positive) or -1 (trigonometric), got {gerf_sign!r}")
         if not (isinstance(gerf_a, (int, float)) and math.isfinite(gerf_a) and gerf_a < 0.125):
-            raise ValueError(f"gerf_a must be a finite number below 1/8 (finite variance), got {gerf_a!r}")
+            raise MacformerError(f"gerf_a must be a finite number below 1/8 (finite variance), got {gerf_a!r}")
         return gerf_sign, float(gerf_a)
-    raise ValueError(f"unknown component function {component!r}; valid choices: {', '.join(COMPONENTS)}")
+    raise MacformerError(f"unknown component function {component!r}; valid choices: {', '.join(COMPONENTS)}")
 
 
 class LearnedFastFood(nn.Module):
@@ -118,16 +119,16 @@ class SpectralFeatures(FeatureMap):
         self.component = component
         self.sign, self.a = gerf_parameters(component, dim, gerf_a, gerf_sign, oprf_rho)
         if self.sign < 0 and num_features % 2:
-            raise ValueError(f"trigonometric features come in cos/sin pairs: num_features must be even, "
+            raise MacformerError(f"trigonometric features come in cos/sin pairs: num_features must be even, "
                              f"got {num_features}")
         if weights not in WEIGHTS:
-            raise ValueError(f"unknown weight matrix {weights!r}; valid choices: {', '.join(WEIGHTS)}")
+            raise MacformerError(f"unknown weight matrix {weights!r}; valid choices: {', '.join(WEIGHTS)}")
         self.weights_name = weights
         self.learned_weights = weights in LEARNED_WEIGHTS
         if self.learned_weights and redraw_interval is not None:
-            raise ValueError(f"weights={weights!r} are trained, not redrawn: leave redraw_interval unset")
+            raise MacformerError(f"weights={weights!r} are trained, not redrawn: leave redraw_interval unset")
         if not sigma > 0:
-            raise ValueError(f"sigma must be positive, got {sigma!r}")
+            raise MacformerError(f"sigma must be positive, got {sigma!r}")
         if learned_sigma:
             _check_positive_int("num_heads (needed by learned_sigma)", num_heads)
             # log-parameterised so sigma stays positive.
