@@ -55,7 +55,7 @@ ESTIMATORS = {
 
 
 def mean_error(make_map, q, k, v, exact, causal: bool, seeds: int) -> float:
-    errors = [relative_error(feature_attention(q, k, v, make_map(seed), causal), exact) for seed in range(seeds)]
+    errors = [relative_error(feature_attention(q, k, v, make_map(seed), causal=causal), exact) for seed in range(seeds)]
     return sum(errors) / len(errors)
 
 

@@ -70,7 +70,7 @@ def methods(kernels: list[str], dims: list[int], head_dim: int, heads: int, caus
 
     def with_map(feature_map: FeatureMap, prepare: Callable[[torch.Tensor], torch.Tensor]) -> Attention:
         feature_map = feature_map.to(device)
-        return lambda q, k, v: feature_attention(prepare(q), prepare(k), v, feature_map, causal)
+        return lambda q, k, v: feature_attention(prepare(q), prepare(k), v, feature_map, causal=causal)
 
     for kernel in kernels:
         for d in dims:

@@ -103,7 +103,7 @@ def train_variant(task: str, variant: str, seed: int, data: tuple[dict, dict, di
     config = MacformerConfig(**MODEL, **settings, **VARIANTS[variant], seed=seed)
     model_class = MacformerForSequenceClassification if task == "listops" else MacformerForCausalLM
     model = model_class(config)
-    trunk = model.encoder if task == "listops" else model.model
+    trunk = model.trunk
     optimizer = torch.optim.AdamW(model.optimizer_groups(args.learning_rate, weight_decay=0.01))
     generator = torch.Generator().manual_seed(seed)
     probe = {k: v[:16] for k, v in valid.items() if k != "labels"}

@@ -64,7 +64,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
                 errors = []
                 for seed in range(args.seeds):
                     feature_map = make_map(component, weights, args.head_dim, args.num_features, seed, rho).to(device)
-                    out = feature_attention(q, k, v, feature_map, causal)
+                    out = feature_attention(q, k, v, feature_map, causal=causal)
                     errors.append(((out - exact).norm() / exact.norm()).item())
                 rows.append({"inputs": kind, "causal": causal, "component": component, "weights": weights,
                              "error": sum(errors) / len(errors)})

@@ -17,29 +17,31 @@ if TYPE_CHECKING:  # the command line starts fast: heavy modules load only with 
 
 
 def _add_prepare(subparsers: argparse._SubParsersAction) -> None:
+    # Options the user leaves out are absent, so PrepareConfig's defaults are the only ones.
     parser = subparsers.add_parser(
         "prepare", help="tokenize a corpus into packed causal-LM shards with a manifest (Ray Data)",
         description="Train (or load) a sentencepiece tokenizer, tokenize the corpus with Ray Data and write "
-                    "seq_len + 1 token windows into checksummed shards with manifest.json, atomically.",
+                    "seq_len + 1 token windows into checksummed shards with manifest.json, atomically. "
+                    "Defaults: pipelines.prepare.PrepareConfig.", argument_default=argparse.SUPPRESS,
     )
-    parser.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB_OR_URI",
+    parser.add_argument("--input", dest="inputs", nargs="+", required=True, metavar="PATH_OR_GLOB_OR_URI",
                         help="files, directories, globs, s3:// or gs:// URIs, or 'stdlib' (Python's own sources)")
     parser.add_argument("--output", required=True, help="dataset directory to create")
-    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--seq-len", type=int, help="tokens per training window (plus one for the shift)")
     vocab = parser.add_mutually_exclusive_group()
-    vocab.add_argument("--vocab-size", type=int, default=None, help="train a tokenizer of this size (default 8000)")
+    vocab.add_argument("--vocab-size", type=int, help="train a tokenizer of this size")
     vocab.add_argument("--tokenizer", help="use this sentencepiece .model instead of training one")
-    parser.add_argument("--tokenizer-type", default="bpe", choices=["bpe", "unigram"])
-    parser.add_argument("--tokenizer-sample-mb", type=float, default=8.0, help="corpus text used to train it")
-    parser.add_argument("--format", dest="shard_format", default="parquet", choices=["parquet", "arrow"])
-    parser.add_argument("--shard-size-mb", type=float, default=64.0)
-    parser.add_argument("--text-column", "--text-field", dest="text_column", default="text",
+    parser.add_argument("--tokenizer-type", choices=["bpe", "unigram"])
+    parser.add_argument("--tokenizer-sample-mb", type=float, help="corpus text used to train it")
+    parser.add_argument("--format", dest="shard_format", choices=["parquet", "arrow"])
+    parser.add_argument("--shard-size-mb", type=float)
+    parser.add_argument("--text-column", "--text-field", dest="text_column",
                         help="text column of Parquet/CSV inputs, or field of JSON Lines records")
-    parser.add_argument("--num-workers", type=int, default=2, help="tokenizer actors")
-    parser.add_argument("--batch-size", type=int, default=64, help="documents per tokenizer call")
-    parser.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto' or host:port)")
-    parser.add_argument("--stdlib-limit", type=int, default=None, help="use only the first N stdlib files")
-    parser.add_argument("--valid-fraction", type=float, default=0.0,
+    parser.add_argument("--num-workers", type=int, help="tokenizer actors")
+    parser.add_argument("--batch-size", type=int, help="documents per tokenizer call")
+    parser.add_argument("--ray-address", help="join this Ray cluster ('auto' or host:port)")
+    parser.add_argument("--stdlib-limit", type=int, help="use only the first N stdlib files")
+    parser.add_argument("--valid-fraction", type=float,
                         help="hold out this fraction of documents as split 'valid' (the rest is 'train')")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
 
@@ -47,16 +49,11 @@ def _add_prepare(subparsers: argparse._SubParsersAction) -> None:
 def _run_prepare(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from pipelines.prepare import PrepareConfig, prepare
 
-    config = PrepareConfig(
-        inputs=tuple(args.input), output=args.output, seq_len=args.seq_len,
-        vocab_size=8000 if args.vocab_size is None and args.tokenizer is None else args.vocab_size,
-        tokenizer=args.tokenizer, tokenizer_type=args.tokenizer_type, tokenizer_sample_mb=args.tokenizer_sample_mb,
-        shard_format=args.shard_format, shard_size_mb=args.shard_size_mb, text_column=args.text_column,
-        num_workers=args.num_workers, batch_size=args.batch_size, ray_address=args.ray_address,
-        stdlib_limit=args.stdlib_limit, valid_fraction=args.valid_fraction, overwrite=args.overwrite,
-        command=shlex.join(["macformer", *argv]),
-    )
-    prepare(config)
+    settings = {k: v for k, v in vars(args).items() if k != "command"}
+    if "tokenizer" in settings:  # a given tokenizer fixes the vocabulary
+        settings["vocab_size"] = None
+    prepare(PrepareConfig(**{**settings, "inputs": tuple(settings["inputs"])},
+                          command=shlex.join(["macformer", *argv])))
     return 0
 
 
@@ -79,8 +76,9 @@ def _add_lra(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--train", type=int, default=96_000, help="ListOps training samples")
     parser.add_argument("--valid", type=int, default=2_000, help="ListOps validation samples")
     parser.add_argument("--test", type=int, default=2_000, help="ListOps test samples")
-    parser.add_argument("--min-length", type=int, default=500, help="ListOps: shortest sequence kept")
-    parser.add_argument("--max-depth", type=int, default=10, help="ListOps: deepest nesting")
+    parser.add_argument("--min-length", type=int, default=None, help="ListOps: shortest sequence kept (default: "
+                        "pipelines.listops.ListOpsSpec)")
+    parser.add_argument("--max-depth", type=int, default=None, help="ListOps: deepest nesting")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--format", dest="shard_format", default="parquet", choices=["parquet", "arrow"])
     parser.add_argument("--shard-size-mb", type=float, default=64.0)
@@ -94,8 +92,8 @@ def _run_lra(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from pipelines.listops import ListOpsSpec
 
     if args.task == "listops":
-        spec = ListOpsSpec(max_depth=args.max_depth, min_length=args.min_length,
-                           max_length=args.max_length or ListOpsSpec.max_length)
+        given = {"max_depth": args.max_depth, "min_length": args.min_length, "max_length": args.max_length}
+        spec = ListOpsSpec(**{name: value for name, value in given.items() if value is not None})
         task = lra.listops_task(args.train, args.valid, args.test, args.seed, spec)
         settings = {"spec": vars(spec), "train": args.train, "valid": args.valid, "test": args.test,
                     "seed": args.seed}

@@ -11,9 +11,10 @@ from typing import Any
 import yaml
 
 from macformer.config import MacformerConfig
-from macformer.errors import MacformerError
+from macformer.errors import MacformerError, check_positive_int
 from pipelines.errors import PipelineError
 from pipelines.shards import load_manifest
+from pipelines.storage import is_uri
 
 TASKS = ("causal_lm", "classification")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -45,12 +46,14 @@ def _check_type(name: str, value: Any, annotation: str) -> None:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything a training run needs. `model` holds MacformerConfig fields; vocab_size, num_classes,
-    max_seq_len and causal are filled from the dataset's manifest when absent."""
+    """Everything a training run needs. `model` holds the MacformerConfig settings as written (a
+    mapping); `with_model_resolved()` turns it into the MacformerConfig, completing vocab_size,
+    num_classes, max_seq_len and causal from the dataset's manifest: the driver does it once and
+    the workers receive the result."""
 
     data: str
     task: str = "causal_lm"
-    model: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] | MacformerConfig = field(default_factory=dict)
     num_workers: int = 2
     use_gpu: bool = False
     micro_batch_size: int = 4
@@ -86,7 +89,8 @@ class TrainConfig:
             if item.type.startswith("float") and isinstance(value, str):  # YAML reads 1e-3 as a string
                 with contextlib.suppress(ValueError):
                     object.__setattr__(self, item.name, float(value))
-            _check_type(item.name, getattr(self, item.name), item.type)
+            if not (item.name == "model" and isinstance(self.model, MacformerConfig)):
+                _check_type(item.name, getattr(self, item.name), item.type.split(" | MacformerConfig")[0])
         if self.task not in TASKS:
             raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.precision not in PRECISIONS:
@@ -97,9 +101,7 @@ class TrainConfig:
             raise ConfigError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
         for name in ("num_workers", "micro_batch_size", "gradient_accumulation", "max_steps", "eval_every",
                      "eval_batches", "checkpoint_every", "keep_checkpoints"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(name, getattr(self, name), ConfigError)
         if self.max_failures < 0 or self.warmup_steps < 0:
             raise ConfigError("max_failures and warmup_steps must be >= 0")
         if not self.learning_rate > 0:
@@ -145,14 +147,15 @@ class TrainConfig:
     def with_absolute_paths(self) -> TrainConfig:
         """Local paths made absolute: Ray workers run in another working directory."""
         def absolute(path: str | None) -> str | None:
-            return path if path is None or "://" in path else str(Path(path).resolve())
+            return path if path is None or is_uri(path) else str(Path(path).resolve())
 
         return dataclasses.replace(self, data=absolute(self.data), deepspeed_config=absolute(self.deepspeed_config),
                                    storage_path=absolute(self.storage_path),
                                    tracking_uri=self.resolved_tracking_uri())
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        model = self.model.to_dict() if isinstance(self.model, MacformerConfig) else dict(self.model)
+        return {**dataclasses.asdict(dataclasses.replace(self, model={})), "model": model}
 
     def run_directory(self) -> str:
         """Where Ray Train keeps this run's checkpoints."""
@@ -163,9 +166,12 @@ class TrainConfig:
 
         return default_tracking_uri(self.tracking_uri)
 
-    def model_config(self) -> MacformerConfig:
-        """MacformerConfig from `model`, completed from the dataset manifest."""
-        manifest = load_manifest(self.data)
+    def with_model_resolved(self, manifest: dict[str, Any] | None = None) -> TrainConfig:
+        """This config with `model` as a MacformerConfig completed from the dataset manifest (read
+        here unless given); unchanged if it is one already."""
+        if isinstance(self.model, MacformerConfig):
+            return self
+        manifest = load_manifest(self.data) if manifest is None else manifest
         settings = dict(self.model)
         if self.task == "causal_lm":
             if manifest["kind"] != "causal_lm":
@@ -182,6 +188,6 @@ class TrainConfig:
             settings.setdefault("dual_encoder", manifest.get("task") == "retrieval")
         settings.setdefault("seed", self.seed)
         try:
-            return MacformerConfig.from_dict(settings)
+            return dataclasses.replace(self, model=MacformerConfig.from_dict(settings))
         except MacformerError as error:
             raise ConfigError(f"model: {error}") from None

@@ -18,6 +18,7 @@ from macformer import MacformerForCausalLM, MacformerForSequenceClassification
 from macformer.models import CONFIG_FILE, PreTrainedMacformer
 from pipelines.reader import ShardReader
 from pipelines.shards import load_manifest
+from pipelines.storage import is_uri
 from pipelines.tokenizer import processor_from_bytes
 
 MODEL_CLASSES = {cls.__name__: cls for cls in (MacformerForCausalLM, MacformerForSequenceClassification)}
@@ -62,7 +63,7 @@ def load_exported(location: str, tracking_uri: str | None = None, log: Callable[
     uri = default_tracking_uri(tracking_uri)
     if location.startswith("experiment:"):
         location = _best_model_uri(location.removeprefix("experiment:"), uri, log)
-    if "://" in location or location.startswith("runs:/"):
+    if is_uri(location) or location.startswith("runs:/"):
         import mlflow
         from mlflow.exceptions import MlflowException
 
@@ -87,6 +88,32 @@ def held_out_split(data: str) -> str | None:
     return next((split for split in ("test", "valid") if split in splits), None)
 
 
+PERPLEXITY_CAP_LOSS = 50.0  # exp(50): beyond it a perplexity says nothing more and overflows float32
+
+
+def evaluation_totals(model, batches, task: str) -> torch.Tensor:
+    """[sum of loss x samples, correct predictions, samples] over `batches` (float64; sums, so that
+    ranks can add theirs up before `evaluation_metrics`)."""
+    totals = torch.zeros(3, dtype=torch.float64)
+    for batch in batches:
+        output = model(**batch)
+        size = batch["input_ids"].shape[0]
+        totals[0] += float(output.loss) * size
+        if task == "classification":
+            totals[1] += float((output.logits.argmax(-1) == batch["labels"]).sum())
+        totals[2] += size
+    return totals
+
+
+def evaluation_metrics(totals: torch.Tensor, task: str) -> dict[str, float]:
+    """eval_loss and eval_perplexity (causal LM) or eval_accuracy (classification) from the totals."""
+    samples = float(totals[2].clamp_min(1))
+    loss = float(totals[0]) / samples
+    if task == "causal_lm":
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, PERPLEXITY_CAP_LOSS))}
+    return {"eval_loss": loss, "eval_accuracy": float(totals[1]) / samples}
+
+
 @torch.no_grad()
 def evaluate(model: PreTrainedMacformer, data: str, split: str | None, batch_size: int, batches: int
              ) -> dict[str, float]:
@@ -96,21 +123,11 @@ def evaluate(model: PreTrainedMacformer, data: str, split: str | None, batch_siz
         raise ConfigError(f"{data} is a {kind} dataset and the model a {type(model).__name__}; evaluate on a "
                           f"{task} dataset (the kind the model was trained on)")
     check_vocabulary(model, dataset_vocab_size(data), f"dataset {data}")
-    loss_sum, correct, count = 0.0, 0, 0
-    for batch in eval_batches(ShardReader(data, shuffle=False, split=split), task, batch_size, batches):
-        output = model(**batch)
-        loss_sum += float(output.loss) * len(batch["input_ids"])
-        count += len(batch["input_ids"])
-        if task == "classification":
-            correct += int((output.logits.argmax(-1) == batch["labels"]).sum())
-    if count == 0:
+    totals = evaluation_totals(model, eval_batches(ShardReader(data, shuffle=False, split=split), task, batch_size,
+                                                   batches), task)
+    if totals[2] == 0:
         raise ConfigError(f"{data} has fewer samples than one batch of {batch_size}; lower --batch-size")
-    metrics = {"eval_loss": loss_sum / count, "samples": float(count)}
-    if task == "causal_lm":
-        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
-    else:
-        metrics["eval_accuracy"] = correct / count
-    return metrics
+    return {**evaluation_metrics(totals, task), "samples": float(totals[2])}
 
 
 def dataset_vocab_size(data: str) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import shlex
 import time
 import uuid
@@ -21,9 +20,8 @@ EXCLUDES = [".venv/", ".git/", "data/", "runs/", "mlartifacts/", "mlflow.db", "c
 def job_entrypoint(config: TrainConfig) -> str:
     """`macformer train` with every setting on the command line, validated here and with paths made
     absolute (the job runs in an uploaded copy of this directory, where relative paths would point)."""
-    config = config.with_absolute_paths()
-    check_ready(config)
-    settings = [f"{key}={yaml_value(value)}" for key, value in dataclasses.asdict(config).items() if value is not None]
+    config = check_ready(config.with_absolute_paths())
+    settings = [f"{key}={yaml_value(value)}" for key, value in config.to_dict().items() if value is not None]
     return shlex.join(["python", "-m", "launcher.cli", "train", *settings])
 
 

@@ -61,9 +61,8 @@ def run_sweep(sweep: Sweep, ray_address: str | None = None) -> str:
     """Run every trial; returns the MLflow parent run id."""
     import mlflow
 
-    trials = [trial.with_absolute_paths() for trial in sweep.trials]
+    trials = [check_ready(trial.with_absolute_paths()) for trial in sweep.trials]
     for trial in trials:
-        check_ready(trial)
         check_run_directory(trial, resume=False, sweep=sweep.name)
     first = trials[0]
     ensure_experiment(first.tracking_uri, first.experiment)

@@ -17,10 +17,12 @@ from pipelines.reader import ShardReader
 from pipelines.shards import load_manifest, verify_shard
 
 
-def check_ready(config: TrainConfig) -> None:
-    """Fail on the driver, in one line, before any worker starts: data, model, splits, tracking URI."""
-    config.model_config()  # validates the manifest and the model settings
-    for entry in load_manifest(config.data)["shards"]:  # a missing or corrupt shard fails here, not in a worker
+def check_ready(config: TrainConfig) -> TrainConfig:
+    """Fail on the driver, in one line, before any worker starts: data, model, splits, tracking URI.
+    Returns the config with its model resolved from the dataset's manifest."""
+    manifest = load_manifest(config.data)
+    config = config.with_model_resolved(manifest)  # validates the model settings against the dataset
+    for entry in manifest["shards"]:  # a missing or corrupt shard fails here, not in a worker
         if {config.train_split, config.eval_split} & {None, entry.get("split")}:
             verify_shard(config.data, entry)
     for role, split in (("training", config.train_split), ("evaluation", config.eval_split)):
@@ -34,6 +36,7 @@ def check_ready(config: TrainConfig) -> None:
     if uri.startswith(("http://", "https://")):
         probe_tracking_server(uri)
     ensure_experiment(uri, config.experiment)
+    return config
 
 
 def check_run_directory(config: TrainConfig, resume: bool, sweep: str | None = None) -> None:
@@ -77,7 +80,7 @@ def fit(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
-            "train": config.to_dict(), "git_commit": git_commit(),
+            "train": config.with_model_resolved(), "manifest": load_manifest(config.data), "git_commit": git_commit(),
             # `macformer submit` names the job; otherwise the id of this Ray driver.
             "ray_job_id": os.environ.get(JOB_ID_ENV) or ray.get_runtime_context().get_job_id(),
         },
@@ -148,8 +151,7 @@ def _remove_if_no_checkpoint(config: TrainConfig) -> None:
 def train(config: TrainConfig, ray_address: str | None = None, resume: bool = False) -> dict[str, Any]:
     """Run training, or with resume=True continue the run of the same run_name and storage_path
     from its latest checkpoint; returns the last metrics."""
-    config = config.with_absolute_paths()
-    check_ready(config)
+    config = check_ready(config.with_absolute_paths())
     check_run_directory(config, resume)
     with ray_session(ray_address, log_to_driver=True, dashboard=True):
         check_resources(config)

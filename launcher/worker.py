@@ -9,6 +9,7 @@ import os
 import resource
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,10 @@ import torch.distributed as dist
 from launcher import checkpoint
 from launcher.batches import TrainBatches, eval_batches
 from launcher.config import TrainConfig
+from launcher.evaluate import evaluation_metrics, evaluation_totals
 from launcher.tracking import NoTracker, Tracker, mask_credentials, run_params
 from macformer import MacformerForCausalLM, MacformerForSequenceClassification
 from pipelines.reader import ShardReader
-from pipelines.shards import load_manifest
 
 EXPORT_DIR = "model"
 
@@ -76,31 +77,16 @@ def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
 
 
 def _evaluate(engine, batches: list[dict[str, torch.Tensor]], task: str) -> dict[str, float]:
-    """Loss (and accuracy) summed over this rank's evaluation batches, then combined across ranks."""
+    """Loss (and accuracy) over every rank's evaluation batches, and the attention's health on the
+    first batch (every rank: ZeRO-3 gathers parameters together)."""
     engine.eval()
-    totals = torch.zeros(3, dtype=torch.float64)  # loss * samples, correct, samples
     with torch.no_grad():
-        for batch in batches:
-            batch = {k: v.to(engine.device) for k, v in batch.items()}
-            output = engine(**batch)
-            size = batch["input_ids"].shape[0]
-            totals[0] += float(output.loss) * size
-            if task == "classification":
-                totals[1] += float((output.logits.argmax(-1) == batch["labels"]).sum())
-            totals[2] += size
-        # Attention error against exact attention on a fixed batch (every rank: ZeRO-3 gathers together).
-        first = {k: v.to(engine.device) for k, v in batches[0].items()}
-        trunk = engine.module.model if task == "causal_lm" else engine.module.encoder
-        health = trunk.attention_health(first["input_ids"], first.get("attention_mask"))
+        on_device = [{k: v.to(engine.device) for k, v in batch.items()} for batch in batches]
+        totals = evaluation_totals(engine, on_device, task)
+        health = engine.module.trunk.attention_health(on_device[0]["input_ids"], on_device[0].get("attention_mask"))
     engine.train()
     dist.all_reduce(totals)
-    loss = float(totals[0] / totals[2].clamp_min(1))
-    metrics = {"eval_loss": loss, **health}
-    if task == "causal_lm":
-        metrics["eval_perplexity"] = math.exp(min(loss, 50.0))
-    else:
-        metrics["eval_accuracy"] = float(totals[1] / totals[2].clamp_min(1))
-    return metrics
+    return {**evaluation_metrics(totals, task), **health}
 
 
 def _save_checkpoint(engine, batches: TrainBatches, step: int, run_id: str | None, metrics: dict[str, float],
@@ -112,7 +98,7 @@ def _save_checkpoint(engine, batches: TrainBatches, step: int, run_id: str | Non
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def _export(engine, model_class, config: TrainConfig, rank: int, tracker) -> None:
+def _export(engine, config: TrainConfig, rank: int, tracker) -> None:
     """Safetensors + config.json of the final weights, loadable without DeepSpeed."""
     import deepspeed
 
@@ -120,7 +106,7 @@ def _export(engine, model_class, config: TrainConfig, rank: int, tracker) -> Non
     with deepspeed.zero.GatheredParameters(parameters, enabled=config.zero_stage == 3):
         if rank == 0:
             with tempfile.TemporaryDirectory() as directory:
-                model = model_class(engine.module.config)
+                model = type(engine.module)(engine.module.config)
                 model.load_state_dict({k: v.float() for k, v in engine.module.state_dict().items()})
                 model.save_pretrained(directory)
                 tracker.log_artifacts(Path(directory), EXPORT_DIR)
@@ -164,92 +150,115 @@ def _log_curves(tracker, num_layers: int) -> None:
     plt.close(figure)
 
 
+def _build_engine(config: TrainConfig, world_size: int):
+    """The model in a DeepSpeed engine with torch's AdamW (ppSBN temperatures in their own group) and
+    the warmup + schedule multiplier; returns (engine, scheduler)."""
+    import deepspeed
+
+    model_class = MacformerForCausalLM if config.task == "causal_lm" else MacformerForSequenceClassification
+    model = model_class(config.model)
+    if config.activation_checkpointing:
+        model.trunk.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(model.optimizer_groups(config.learning_rate, config.weight_decay),
+                                  eps=config.adam_eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=deepspeed_config(config, world_size))
+    return engine, scheduler
+
+
+def _restore(engine, batches: TrainBatches, rank: int) -> checkpoint.TrainerState:
+    """Continue from Ray Train's latest checkpoint, if there is one."""
+    import ray.train
+
+    saved = ray.train.get_checkpoint()
+    if not saved:
+        return checkpoint.TrainerState(0, None)
+    with saved.as_directory() as directory:
+        trainer_state, reader_state = checkpoint.restore(Path(directory), engine, rank)
+    batches.load_state_dict(reader_state)
+    return trainer_state
+
+
+def _start_tracking(config: TrainConfig, loop_config: dict[str, Any], state: checkpoint.TrainerState, rank: int,
+                    world_size: int) -> tuple[Tracker | NoTracker, int]:
+    """Every rank calls it; rank 0 gets the MLflow run (new, or the checkpoint's) and the last step it
+    has metrics for (after a restart the steps up to there are recomputed identically and not logged
+    twice); other ranks a tracker that does nothing."""
+    import ray
+
+    node_ids: list[str | None] = [None] * world_size  # a multi-node run says so in its tags
+    dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
+    if rank != 0:
+        return NoTracker(), 0
+    tracker = Tracker(config.resolved_tracking_uri(), config.experiment, config.run_name, state.run_id,
+                      config.parent_run_id, run_directory=config.run_directory())
+    shown_config = {key: mask_credentials(value) if isinstance(value, str) else value
+                    for key, value in config.to_dict().items()}
+    tracker.log_params(run_params(shown_config, config.model, world_size, loop_config["manifest"]))
+    tracker.set_tags({"git_commit": loop_config["git_commit"], "ray_job_id": loop_config["ray_job_id"],
+                      "resumed_from_step": str(state.step), "ray_nodes": str(len(set(node_ids))),
+                      "ray_node_ids": ",".join(sorted(set(node_ids)))})
+    if state.run_id is None:
+        tracker.log_dict(shown_config, "config/train.json")
+        tracker.log_dict(config.model.to_dict(), "config/model.json")
+        tracker.log_dict(deepspeed_config(config, world_size), "config/deepspeed.json")
+    model = config.model
+    print(f"training {model.attention} ({model.kernel}, D={model.num_features}) on {world_size} workers from "
+          f"step {state.step}; MLflow run {tracker.run_id}", flush=True)
+    logged_through = tracker.last_step("train_loss") if state.run_id else 0
+    if logged_through > state.step:
+        tracker.set_tags({"metrics_resumed_after_step": str(logged_through)})
+        print(f"steps {state.step + 1}-{logged_through} were logged before the restart; logging resumes at step "
+              f"{logged_through + 1}", flush=True)
+    return tracker, logged_through
+
+
+def _train_step(engine, iterator, config: TrainConfig, world_size: int, scheduler) -> dict[str, float]:
+    """One optimizer step over gradient_accumulation micro-batches; its metrics (loss averaged over ranks)."""
+    started = time.perf_counter()
+    losses, tokens = [], 0
+    for _ in range(config.gradient_accumulation):
+        batch = {k: v.to(engine.device) for k, v in next(iterator).items()}
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.detach().float())
+        tokens += int(batch["input_ids"].numel())
+    elapsed = time.perf_counter() - started
+    return {
+        "train_loss": float(_mean_over_ranks(torch.stack(losses).mean())),
+        "tokens_per_s": tokens * world_size / elapsed,
+        "samples_per_s": config.micro_batch_size * config.gradient_accumulation * world_size / elapsed,
+        "step_time_s": elapsed,
+        "learning_rate": scheduler.get_last_lr()[0],
+        "peak_memory_mb": _peak_memory_mb(engine.device),
+    }
+
+
 def train_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point. loop_config: {"train": TrainConfig fields, "git_commit": ..., "ray_job_id": ...}."""
-    config = TrainConfig(**loop_config["train"])
+    """Ray Train entry point. loop_config: {"train": TrainConfig with its model resolved, "manifest":
+    the dataset's, "git_commit": ..., "ray_job_id": ...}."""
+    config: TrainConfig = loop_config["train"]
     if not config.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-    import ray
     import ray.train
 
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.seed)
-    model_config = config.model_config()
-    model_class = MacformerForCausalLM if config.task == "causal_lm" else MacformerForSequenceClassification
-    model = model_class(model_config)
-    if config.activation_checkpointing:
-        (model.model if config.task == "causal_lm" else model.encoder).enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(model.optimizer_groups(config.learning_rate, config.weight_decay),
-                                  eps=config.adam_eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, world_size)
-    )
-    batches = TrainBatches(ShardReader(config.data, rank, world_size, seed=config.seed, split=config.train_split),
-                           config.task, config.micro_batch_size)
-    evaluation = eval_batches(ShardReader(config.data, rank, world_size, shuffle=False, split=config.eval_split),
-                              config.task, config.micro_batch_size, config.eval_batches)
-
-    step, run_id = 0, None
-    saved = ray.train.get_checkpoint()
-    if saved:
-        with saved.as_directory() as directory:
-            trainer_state, reader_state = checkpoint.restore(Path(directory), engine, rank)
-        batches.load_state_dict(reader_state)
-        step, run_id = trainer_state.step, trainer_state.run_id
-    # Which Ray nodes the workers run on: a multi-node run says so in its MLflow tags.
-    node_ids: list[str | None] = [None] * world_size
-    dist.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
-    tracker = NoTracker()
-    if rank == 0:
-        tracker = Tracker(config.resolved_tracking_uri(), config.experiment, config.run_name, run_id,
-                          config.parent_run_id, run_directory=config.run_directory())
-        manifest = load_manifest(config.data)
-        shown_config = {key: mask_credentials(value) if isinstance(value, str) else value
-                        for key, value in config.to_dict().items()}
-        tracker.log_params(run_params(shown_config, model_config, world_size, manifest))
-        tracker.set_tags({"git_commit": loop_config["git_commit"],
-                          "ray_job_id": loop_config["ray_job_id"],
-                          "resumed_from_step": str(step), "ray_nodes": str(len(set(node_ids))),
-                          "ray_node_ids": ",".join(sorted(set(node_ids)))})
-        if run_id is None:
-            tracker.log_dict(shown_config, "config/train.json")
-            tracker.log_dict(model_config.to_dict(), "config/model.json")
-            tracker.log_dict(deepspeed_config(config, world_size), "config/deepspeed.json")
-        print(f"training {model_config.attention} ({model_config.kernel}, D={model_config.num_features}) on "
-              f"{world_size} workers from step {step}; MLflow run {tracker.run_id}", flush=True)
-    # After a restart, the steps between the checkpoint and the interruption were logged already (and
-    # are recomputed identically): their metrics are not logged twice, so every curve stays continuous.
-    logged_through = tracker.last_step("train_loss") if rank == 0 and run_id else 0
-    if logged_through > step:
-        tracker.set_tags({"metrics_resumed_after_step": str(logged_through)})
-        print(f"steps {step + 1}-{logged_through} were logged before the restart; logging resumes at step "
-              f"{logged_through + 1}", flush=True)
-
-    iterator = iter(batches)
+    engine, scheduler = _build_engine(config, world_size)
+    reader = partial(ShardReader, config.data, rank, world_size, manifest=loop_config["manifest"])
+    batches = TrainBatches(reader(seed=config.seed, split=config.train_split), config.task, config.micro_batch_size)
+    evaluation = eval_batches(reader(shuffle=False, split=config.eval_split), config.task, config.micro_batch_size,
+                              config.eval_batches)
+    state = _restore(engine, batches, rank)
+    tracker, logged_through = _start_tracking(config, loop_config, state, rank, world_size)
+    iterator, step = iter(batches), state.step
     engine.train()
     while step < config.max_steps:
-        started = time.perf_counter()
-        losses, tokens = [], 0
-        for _ in range(config.gradient_accumulation):
-            batch = {k: v.to(engine.device) for k, v in next(iterator).items()}
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.detach().float())
-            tokens += int(batch["input_ids"].numel())
+        metrics = _train_step(engine, iterator, config, world_size, scheduler)
         step += 1
-        elapsed = time.perf_counter() - started
-        metrics = {
-            "train_loss": float(_mean_over_ranks(torch.stack(losses).mean())),
-            "tokens_per_s": tokens * world_size / elapsed,
-            "samples_per_s": config.micro_batch_size * config.gradient_accumulation * world_size / elapsed,
-            "step_time_s": elapsed,
-            "learning_rate": scheduler.get_last_lr()[0],
-            "peak_memory_mb": _peak_memory_mb(engine.device),
-        }
         if step % config.eval_every == 0 or step == config.max_steps:
             metrics.update(_evaluate(engine, evaluation, config.task))
         if step > logged_through:
@@ -260,7 +269,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             print(f"step {step}/{config.max_steps}: {shown}", flush=True)
         if step % config.checkpoint_every == 0 or step == config.max_steps:
             _save_checkpoint(engine, batches, step, tracker.run_id, {**metrics, "step": step}, rank)
-    _export(engine, model_class, config, rank, tracker)
+    _export(engine, config, rank, tracker)
     if rank == 0:
-        _log_curves(tracker, model_config.num_layers)
+        _log_curves(tracker, config.model.num_layers)
     tracker.finish()

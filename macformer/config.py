@@ -7,19 +7,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from macformer.errors import MacformerError
+from macformer.errors import MacformerError, is_positive_int
 from macformer.features.maclaurin import worst_pair_relative_std
-from macformer.features.spectral import COMPONENTS, LEARNED_WEIGHTS, WEIGHTS, gerf_parameters
+from macformer.features.spectral import COMPONENTS, LEARNED_WEIGHTS, WEIGHTS, default_oprf_rho, gerf_parameters
 from macformer.kernels import KERNELS, get_kernel
 from macformer.ppsbn import TEMPERATURE_LR_SCALE, rmfa_temperature_bound, series_temperature_bound
+from macformer.registry import ATTENTIONS, AttentionSpec
 
-ATTENTIONS = ("softmax", "rmfa", "rfa", "favor", "random_features", "kernel")
-FEATURE_ATTENTIONS = ("rmfa", "rfa", "favor", "random_features")
-# Spectraformer's (component, weights) pairs: rfa and favor are names for two of them.
-SPECTRAL_ATTENTIONS = {"rfa": ("trigrf", "gaussian"), "favor": ("posrf", "orthogonal"),
-                       "random_features": ("posrf", "orthogonal")}
-# Attentions whose published form normalises q, k with ppSBN (the Macformer paper's RMFA).
-PPSBN_BY_DEFAULT = ("rmfa", "kernel")
 POOLINGS = ("mean", "cls")
 
 
@@ -28,7 +22,7 @@ def _fail(name: str, value: Any, expected: str) -> None:
 
 
 def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if not is_positive_int(value):
         _fail(name, value, "a positive integer")
 
 
@@ -116,8 +110,9 @@ class MacformerConfig:
             _fail("dropout", self.dropout, "a probability in [0, 1)")
         if self.attention not in ATTENTIONS:
             _fail("attention", self.attention, f"one of {', '.join(ATTENTIONS)}")
+        spec = self.spec
         if self.ppsbn is None:
-            object.__setattr__(self, "ppsbn", self.attention in PPSBN_BY_DEFAULT)
+            object.__setattr__(self, "ppsbn", spec.ppsbn_default)
         if not isinstance(self.ppsbn, bool):
             _fail("ppsbn", self.ppsbn, "True, False or None (the attention's default)")
         if isinstance(self.kernel, str) and self.kernel not in KERNELS:
@@ -129,18 +124,20 @@ class MacformerConfig:
             _fail("max_degree", self.max_degree, "a positive integer or None")
         if self.feature_redraw_interval is not None:
             _positive_int("feature_redraw_interval", self.feature_redraw_interval)
-        if self.attention == "rmfa" and self.linear_features:
+        if spec.maclaurin and self.linear_features:
             if not self.constant_feature:
                 _fail("linear_features", self.linear_features, "False unless constant_feature=True")
             if self.num_features <= self.head_dim + 1:
                 _fail("num_features", self.num_features, f"more than head_dim + 1 = {self.head_dim + 1} with "
                       "linear_features=True (or set linear_features=False)")
-        self._check_spectral_pair()
-        if self.rfa_gate and (self.attention != "rfa" or not self.causal):
-            _fail("rfa_gate", self.rfa_gate, "False unless attention='rfa' and causal=True (a recency gate)")
-        if self.rfa_learned_sigma and self.attention != "rfa":
-            _fail("rfa_learned_sigma", self.rfa_learned_sigma, "False unless attention='rfa'")
+        for name in ("rfa_gate", "rfa_learned_sigma"):  # fields of one attention, off elsewhere
+            if getattr(self, name) and name not in spec.fields:
+                owners = [n for n, s in ATTENTIONS.items() if name in s.fields]
+                _fail(name, getattr(self, name), f"False unless attention is {' or '.join(owners)}")
+        if self.rfa_gate and not self.causal:
+            _fail("rfa_gate", self.rfa_gate, "False unless causal=True (a recency gate)")
         self._resolve_temperature(kernel)
+        self._check_spectral_pair()
         if self.pooling not in POOLINGS:
             _fail("pooling", self.pooling, f"one of {', '.join(POOLINGS)}")
         if self.dual_encoder and self.num_classes is None:
@@ -149,7 +146,7 @@ class MacformerConfig:
             _fail("seed", self.seed, "an integer")
 
     def _resolve_temperature(self, kernel) -> None:
-        uses_kernel = self.attention in ("rmfa", "kernel")
+        uses_kernel = self.spec.uses_kernel
         radius = kernel.radius if uses_kernel else math.inf
         if uses_kernel and math.isfinite(radius) and not self.ppsbn:
             _fail("ppsbn", self.ppsbn, f"True: the {kernel.name} kernel converges only for |q.k| < "
@@ -160,7 +157,7 @@ class MacformerConfig:
             return
         bound = self.ppsbn_max_temperature
         if bound is None:
-            bound = self._rmfa_bound(kernel) if self.attention == "rmfa" else series_temperature_bound(radius)
+            bound = self._rmfa_bound(kernel) if self.spec.maclaurin else series_temperature_bound(radius)
             object.__setattr__(self, "ppsbn_max_temperature", bound)
         if not (isinstance(bound, (int, float)) and 0 < bound < radius):
             _fail("ppsbn_max_temperature", bound, f"a positive number below the kernel's radius {radius}")
@@ -182,21 +179,28 @@ class MacformerConfig:
             kernel.radius, self.p)
 
     def _check_spectral_pair(self) -> None:
-        if self.attention not in SPECTRAL_ATTENTIONS:
-            for name in ("component", "weights"):
+        """Default and check (component, weights) of Spectraformer features; resolve oprf_rho, OPRF's
+        expected |q + k|^2 / head_dim: 2t / head_dim under ppSBN with initial temperature t."""
+        spec = self.spec
+        if spec.spectral_pair is None:
+            spectral = [name for name, s in ATTENTIONS.items() if s.spectral_pair]
+            for name in ("component", "weights", "oprf_rho"):
                 if getattr(self, name) is not None:
-                    _fail(name, getattr(self, name), "None unless attention is rfa, favor or random_features")
+                    _fail(name, getattr(self, name), f"None unless attention is {', '.join(spectral)}")
             return
-        component, weights = SPECTRAL_ATTENTIONS[self.attention]
+        component, weights = spec.spectral_pair
         if self.component is None:
             object.__setattr__(self, "component", component)
         if self.weights is None:
             object.__setattr__(self, "weights", weights)
         if self.component not in COMPONENTS:
             _fail("component", self.component, f"one of {', '.join(COMPONENTS)}")
-        if self.attention != "random_features" and self.component != component:
+        if spec.fixed_component and self.component != component:
             _fail("component", self.component, f"{component!r} for attention={self.attention!r} "
                   "(use attention='random_features' for other pairs)")
+        if self.component == "oprf" and self.oprf_rho is None:
+            rho = 2 * self.ppsbn_initial_temperature / self.head_dim if self.ppsbn else default_oprf_rho(self.head_dim)
+            object.__setattr__(self, "oprf_rho", rho)
         if self.weights not in WEIGHTS:
             _fail("weights", self.weights, f"one of {', '.join(WEIGHTS)}")
         try:
@@ -217,11 +221,15 @@ class MacformerConfig:
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
 
+    @property
+    def spec(self) -> AttentionSpec:
+        return ATTENTIONS[self.attention]
+
     def variant(self) -> str:
         """A short name of the attention mechanism: 'rmfa-exp', 'random_features-oprf-qmc', 'softmax'."""
-        if self.attention in ("rmfa", "kernel"):
+        if self.spec.uses_kernel:
             return f"{self.attention}-{self.kernel if isinstance(self.kernel, str) else 'custom'}"
-        if self.attention in SPECTRAL_ATTENTIONS:
+        if self.spec.spectral_pair:
             return f"{self.attention}-{self.component}-{self.weights}"
         return self.attention
 
@@ -255,7 +263,7 @@ class MacformerConfig:
             return config
         bound = data.get("ppsbn_max_temperature")
         if bound is None:
-            radius = get_kernel(config.kernel).radius if config.attention in ("rmfa", "kernel") else math.inf
+            radius = get_kernel(config.kernel).radius if config.spec.uses_kernel else math.inf
             bound = 0.99 * radius / math.sqrt(config.p) if math.isfinite(radius) else 2.0
         return dataclasses.replace(config, ppsbn_max_temperature=bound,
                                    ppsbn_initial_temperature=min(config.head_dim**-0.5, bound / 2))

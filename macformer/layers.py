@@ -11,14 +11,12 @@ from torch import nn
 from macformer.attention import (
     causal_feature_attention,
     feature_attention,
-    kernel_attention,
     kernel_attention_weights,
     naive_feature_attention,
-    softmax_attention,
     stabilised_rows,
 )
-from macformer.config import FEATURE_ATTENTIONS, MacformerConfig
-from macformer.features import FeatureMap, RandomMaclaurinFeatures, SpectralFeatures
+from macformer.config import MacformerConfig
+from macformer.features import SpectralFeatures
 from macformer.ppsbn import PostSBN, PreSBN
 
 
@@ -32,30 +30,16 @@ class LayerCache:
     values: torch.Tensor | None = None
 
 
-def build_feature_map(config: MacformerConfig, seed: int, oprf_rho: float | None = None) -> FeatureMap:
-    """The layer's random feature map; `oprf_rho` overrides config.oprf_rho (the layer knows its scaling)."""
-    common = {"seed": seed, "redraw_interval": config.feature_redraw_interval}
-    if config.attention == "rmfa":
-        return RandomMaclaurinFeatures(
-            config.head_dim, config.num_features, kernel=config.kernel, p=config.p,
-            constant_feature=config.constant_feature, linear_features=config.linear_features,
-            max_degree=config.max_degree, **common,
-        )
-    return SpectralFeatures(
-        config.head_dim, config.num_features, component=config.component, weights=config.weights,
-        learned_sigma=config.rfa_learned_sigma, num_heads=config.num_heads, gerf_a=config.gerf_a,
-        gerf_sign=config.gerf_sign, oprf_rho=config.oprf_rho if oprf_rho is None else oprf_rho, **common,
-    )
-
-
 class MacformerAttention(nn.Module):
     """Multi-head attention. q and k are first brought to the scale the kernel is evaluated at
-    (preSBN; else l2-normalised for rfa, d^-1/4 each otherwise, which makes softmax standard
-    scaled dot-product attention), then attended with the configured mechanism."""
+    (preSBN; else l2-normalised where the attention's registry entry says so, d^-1/4 each otherwise,
+    which makes softmax standard scaled dot-product attention), then attended with the configured
+    mechanism (macformer.registry)."""
 
     def __init__(self, config: MacformerConfig, layer_index: int) -> None:
         super().__init__()
         self.config = config
+        self.spec = config.spec
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
         self.out = nn.Linear(config.d_model, config.d_model)
         self.pre_sbn = self.post_sbn = None
@@ -66,17 +50,14 @@ class MacformerAttention(nn.Module):
             )
             self.post_sbn = PostSBN(config.d_model)
         self.feature_map = None
-        if config.attention in FEATURE_ATTENTIONS:
-            rho = None
-            if config.oprf_rho is None and self.pre_sbn is not None:  # |q|^2 = |k|^2 = t: |q + k|^2 / d ~ 2t / d
-                rho = 2 * float(self.pre_sbn.temperature().detach().mean()) / config.head_dim
-            self.feature_map = build_feature_map(config, seed=config.seed * 10_007 + layer_index, oprf_rho=rho)
+        if self.spec.features is not None:
+            self.feature_map = self.spec.features(config, config.seed * 10_007 + layer_index, config.oprf_rho)
         self.gate = nn.Linear(config.d_model, config.num_heads) if config.rfa_gate else None
 
     def _scale(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_sbn is not None:
             return self.pre_sbn(x)
-        if self.config.attention == "rfa":
+        if self.spec.normalise_qk:
             return F.normalize(x, dim=-1)
         return x * self.config.head_dim**-0.25
 
@@ -91,7 +72,7 @@ class MacformerAttention(nn.Module):
         """(kernel, q, k) of the exact attention this layer computes or estimates: its kernel for rmfa
         and kernel attention; exp for softmax (q, k are already scaled) and for the spectral maps,
         which estimate exp(sigma^2 q . k)."""
-        if self.config.attention in ("rmfa", "kernel"):
+        if self.spec.uses_kernel:
             return self.config.kernel, q, k
         if isinstance(self.feature_map, SpectralFeatures):
             sigma = self.feature_map.bandwidth().float()
@@ -150,21 +131,18 @@ class MacformerAttention(nn.Module):
         gate = torch.sigmoid(self.gate(x)).transpose(1, 2) if self.gate is not None else None
         if self.feature_map is not None:
             if cache is None:
-                out = feature_attention(q, k, v, self.feature_map, config.causal, key_padding_mask, gate,
-                                        config.chunk_size)
+                out = feature_attention(q, k, v, self.feature_map, causal=config.causal,
+                                        key_padding_mask=key_padding_mask, gate=gate, chunk_size=config.chunk_size)
             else:
-                out, cache.state = causal_feature_attention(
-                    q, k, v, self.feature_map, cache.state, key_padding_mask, gate, config.chunk_size
-                )
+                out, cache.state = causal_feature_attention(q, k, v, self.feature_map, state=cache.state,
+                                                            key_padding_mask=key_padding_mask, gate=gate,
+                                                            chunk_size=config.chunk_size)
         else:
             if cache is not None:
                 cache.keys = k if cache.keys is None else torch.cat([cache.keys, k], dim=2)
                 cache.values = v if cache.values is None else torch.cat([cache.values, v], dim=2)
                 k, v = cache.keys, cache.values
-            if config.attention == "softmax":
-                out = softmax_attention(q, k, v, config.causal, key_padding_mask, scale=1.0)
-            else:
-                out = kernel_attention(q, k, v, config.kernel, config.causal, key_padding_mask)
+            out = self.spec.exact(q, k, v, config, key_padding_mask)
         out = out.transpose(1, 2).reshape(batch, length, config.d_model)
         if self.post_sbn is not None:
             out = self.post_sbn(out)

@@ -192,6 +192,11 @@ class MacformerForSequenceClassification(PreTrainedMacformer):
         )
         self.head.apply(self._init_weights)
 
+    @property
+    def trunk(self) -> MacformerModel:
+        """The Transformer under the head (embeddings and blocks)."""
+        return self.encoder
+
     def _pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         hidden = self.encoder(input_ids, attention_mask)
         if self.config.pooling == "cls":
@@ -235,6 +240,11 @@ class MacformerForCausalLM(PreTrainedMacformer):
         self.lm_head.apply(self._init_weights)
         if config.tie_embeddings:
             self.lm_head.weight = self.model.token_embedding.weight
+
+    @property
+    def trunk(self) -> MacformerModel:
+        """The Transformer under the LM head (embeddings and blocks)."""
+        return self.model
 
     def forward(
         self,

@@ -14,7 +14,7 @@ import statistics
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from macformer.errors import MacformerError
+from macformer.errors import MacformerError, check_positive_int
 
 OPERATORS = ("[MAX", "[MIN", "[MED", "[SM")
 CLOSE = "]"
@@ -45,9 +45,7 @@ class ListOpsSpec:
 
     def __post_init__(self) -> None:
         for name in ("max_depth", "max_args", "min_length", "max_length"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise MacformerError(f"ListOps {name} must be a positive integer, got {value!r}")
+            check_positive_int(f"ListOps {name}", getattr(self, name))
         if self.max_args < 2:
             raise MacformerError(f"ListOps max_args must be at least 2 (operators take 2 or more), got {self.max_args}")
         if self.min_length > self.max_length:

@@ -8,8 +8,6 @@ size, the padding id (0) and the number of classes. Byte and pixel values v beco
 
 from __future__ import annotations
 
-import hashlib
-import json
 import pickle
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -22,7 +20,7 @@ import pyarrow as pa
 import pipelines
 from pipelines import listops
 from pipelines.errors import PipelineError
-from pipelines.output import is_up_to_date, publish, staged_directory
+from pipelines.output import fingerprint, is_up_to_date, publish, staged_directory
 from pipelines.shards import ShardWriter, load_manifest, write_manifest
 
 Row = dict[str, Any]
@@ -234,8 +232,8 @@ def write_task(task: TaskData, output: str | Path, settings: dict[str, Any], sha
     identity = {"task": task.name, "settings": settings, "format": shard_format, "shard_size_mb": shard_size_mb,
                 "inputs": [(str(p), p.stat().st_size, p.stat().st_mtime) for p in task.inputs],
                 "pipeline_version": pipelines.__version__}
-    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-    if is_up_to_date(output, fingerprint, overwrite):
+    identity_hash = fingerprint(identity)
+    if is_up_to_date(output, identity_hash, overwrite):
         log(f"{output} is up to date (same inputs and settings); nothing to do")
         return load_manifest(output)
     with staged_directory(output) as staging:
@@ -250,9 +248,9 @@ def write_task(task: TaskData, output: str | Path, settings: dict[str, Any], sha
             "kind": "classification", "task": task.name, "format": shard_format, "splits": rows,
             "rows": sum(rows.values()), "shards": shards, "vocab_size": task.vocab_size, "pad_id": 0,
             "num_classes": task.num_classes, "max_length": task.max_length, "settings": settings,
-            "fingerprint": fingerprint, "pipeline_version": pipelines.__version__,
+            "fingerprint": identity_hash, "pipeline_version": pipelines.__version__,
         })
-        if not publish(staging, output, fingerprint, overwrite):
+        if not publish(staging, output, identity_hash, overwrite):
             log(f"{output} was written meanwhile by another run with the same inputs and settings; kept it")
     manifest = load_manifest(output)
     log(f"wrote {task.name} to {output}: " + ", ".join(f"{n} {s}" for s, n in manifest["splits"].items()))

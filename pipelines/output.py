@@ -13,17 +13,26 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import hashlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from pipelines.errors import PipelineError
 from pipelines.shards import MANIFEST, load_manifest
 
 STAGING_TAG = ".tmp-"
 _RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def fingerprint(identity: dict[str, Any]) -> str:
+    """sha256 of what decides a dataset's content (inputs, settings, pipeline version): equal
+    fingerprints, equal datasets."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=list).encode()).hexdigest()
 
 
 def is_up_to_date(output: Path, fingerprint: str, overwrite: bool) -> bool:

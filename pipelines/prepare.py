@@ -4,8 +4,6 @@ in checksummed shards + manifest.json, written atomically."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +14,7 @@ import pyarrow as pa
 
 import pipelines
 from pipelines.errors import PipelineError
-from pipelines.output import is_up_to_date, publish, staged_directory
+from pipelines.output import fingerprint, is_up_to_date, publish, staged_directory
 from pipelines.packing import WindowPacker
 from pipelines.ray_runtime import ray_session
 from pipelines.shards import SHARD_FORMATS, ShardWriter, load_manifest, write_manifest
@@ -84,7 +82,7 @@ def _fingerprint(config: PrepareConfig, files: list[InputFile], tokenizer_hash: 
         "tokenizer": tokenizer_hash,
         "pipeline_version": pipelines.__version__,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()
+    return fingerprint(payload)
 
 
 class DocumentTokenizer:
@@ -130,16 +128,16 @@ def prepare(config: PrepareConfig, log=print) -> dict[str, Any]:
             f"e.g. {binary[0].path})")
     check_text_column(files, config.text_column)
     given_tokenizer = load_tokenizer_bytes(config.tokenizer) if config.tokenizer else None
-    fingerprint = _fingerprint(config, files, sha256_bytes(given_tokenizer) if given_tokenizer else None)
-    if is_up_to_date(output, fingerprint, config.overwrite):
+    digest = _fingerprint(config, files, sha256_bytes(given_tokenizer) if given_tokenizer else None)
+    if is_up_to_date(output, digest, config.overwrite):
         log(f"{output} is up to date (same inputs and config); nothing to do")
         return load_manifest(output)
     with staged_directory(output) as staging, ray_session(config.ray_address):
         manifest = _run(config, files, given_tokenizer, staging, log)
-        manifest.update(fingerprint=fingerprint, command=config.command, config=config.fingerprint_fields(),
+        manifest.update(fingerprint=digest, command=config.command, config=config.fingerprint_fields(),
                         pipeline_version=pipelines.__version__)
         write_manifest(staging, manifest)
-        if not publish(staging, output, fingerprint, config.overwrite):
+        if not publish(staging, output, digest, config.overwrite):
             log(f"{output} was prepared meanwhile by another run with the same inputs and settings; kept it")
     manifest = load_manifest(output)
     elapsed = time.perf_counter() - start

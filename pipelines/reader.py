@@ -24,17 +24,19 @@ class ShardReader(IterableDataset):
     g % world_size, so ranks are disjoint and together cover every row. `position` counts the
     samples this rank has yielded in the current epoch; `state_dict()` / `load_state_dict()` resume
     exactly there. Shard checksums are verified the first time each shard is opened. `split` selects
-    one split of a task dataset (train, valid, test).
+    one split of a task dataset (train, valid, test). `manifest`: the dataset's manifest if the
+    caller has read it already.
     """
 
     def __init__(self, directory: str | Path, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True, verify: bool = True, split: str | None = None) -> None:
+                 shuffle: bool = True, verify: bool = True, split: str | None = None,
+                 manifest: dict[str, Any] | None = None) -> None:
         super().__init__()
         if world_size < 1 or not 0 <= rank < world_size:
             raise PipelineError(f"rank {rank} is outside world size {world_size}; use 0 <= rank < world_size")
         self.directory = directory
         self.filesystem, self.root = storage.resolve(directory)
-        self.manifest = load_manifest(directory)
+        self.manifest = load_manifest(directory) if manifest is None else manifest
         self.rank, self.world_size, self.seed, self.shuffle, self.verify = rank, world_size, seed, shuffle, verify
         shards = self.manifest["shards"]
         self.shards = [i for i, entry in enumerate(shards) if split is None or entry.get("split") == split]

@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pipelines.errors import PipelineError
+from pipelines.storage import is_uri
 
 STDLIB = "stdlib"
 JSON_SUFFIXES = {".jsonl", ".json", ".ndjson"}
@@ -48,10 +49,6 @@ def stdlib_files(limit: int | None = None) -> list[str]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(str(p) for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file())
     return files[:limit] if limit is not None else files
-
-
-def _is_uri(spec: str) -> bool:
-    return "://" in spec
 
 
 def _expand_local(spec: str) -> list[str]:
@@ -105,7 +102,7 @@ def resolve_inputs(specs: list[str], stdlib_limit: int | None = None) -> list[In
     for spec in specs:
         if spec == STDLIB:
             paths = stdlib_files(stdlib_limit)
-        elif _is_uri(spec):
+        elif is_uri(spec):
             for item in _expand_uri(spec):
                 files.setdefault(item.path, item)
             continue
@@ -134,7 +131,7 @@ def looks_like_text(path: str) -> bool:
 
 def drop_binary_files(files: list[InputFile]) -> tuple[list[InputFile], list[InputFile]]:
     """(text inputs kept, local plain-text inputs skipped because they hold binary data)."""
-    skipped = [f for f in files if f.kind == "text" and not _is_uri(f.path) and not looks_like_text(f.path)]
+    skipped = [f for f in files if f.kind == "text" and not is_uri(f.path) and not looks_like_text(f.path)]
     if len(skipped) == len(files):
         raise PipelineError(f"none of the {len(files)} inputs is UTF-8 text (e.g. {files[0].path} holds binary "
                             "data); give text files")
@@ -144,7 +141,7 @@ def drop_binary_files(files: list[InputFile]) -> tuple[list[InputFile], list[Inp
 def check_text_column(files: list[InputFile], column: str) -> None:
     """Fail before any work if a structured input lacks the text column."""
     for item in files:
-        if item.kind == "parquet" and not _is_uri(item.path):
+        if item.kind == "parquet" and not is_uri(item.path):
             try:
                 names = pq.read_schema(item.path).names
             except Exception as error:
@@ -153,7 +150,7 @@ def check_text_column(files: list[InputFile], column: str) -> None:
             if column not in names:
                 raise PipelineError(f"{item.path} has no column {column!r} (columns: {', '.join(names)}); "
                                     "pass --text-column NAME")
-        elif item.kind == "json" and not _is_uri(item.path):
+        elif item.kind == "json" and not is_uri(item.path):
             with open(item.path, encoding="utf-8") as handle:
                 first = handle.readline()
             try:

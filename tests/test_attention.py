@@ -56,8 +56,35 @@ def test_chunked_causal_matches_naive(name: str, length: int, chunk_size: int, g
     padding = _padding(length)
     gate = torch.sigmoid(torch.randn(B, H, length)) if gated else None
     feature_map = MAPS[name]()
-    fast = feature_attention(q, k, v, feature_map, True, padding, gate, chunk_size=chunk_size)
+    fast = feature_attention(q, k, v, feature_map, causal=True, key_padding_mask=padding, gate=gate,
+                             chunk_size=chunk_size)
     torch.testing.assert_close(fast, _reference(q, k, v, feature_map, True, padding, gate), atol=1e-5, rtol=1e-5)
+
+
+def _gradients(attend, q, k, v, gate, cotangent) -> list[torch.Tensor]:
+    inputs = [x.clone().requires_grad_() for x in (q, k, v) + ((gate,) if gate is not None else ())]
+    out = attend(*inputs[:3], inputs[3] if gate is not None else None)
+    return torch.autograd.grad((out * cotangent).sum(), inputs)
+
+
+@pytest.mark.parametrize("name", sorted(MAPS))
+@pytest.mark.parametrize(("causal", "gated", "chunk_size"),
+                         [(False, False, 64), (True, False, 5), (True, False, 64), (True, True, 5), (True, True, 16)])
+def test_gradients_match_naive(name: str, causal: bool, gated: bool, chunk_size: int) -> None:
+    """dq, dk, dv (and d gate) of the fast forms equal the explicit-matrix reference's."""
+    q, k, v = _qkv(33)
+    padding = _padding(33)
+    gate = torch.sigmoid(torch.randn(B, H, 33)) if gated else None
+    feature_map = MAPS[name]()
+    cotangent = torch.randn(B, H, 33, v.shape[-1])
+    fast = _gradients(lambda q_, k_, v_, g_: feature_attention(q_, k_, v_, feature_map, causal=causal,
+                                                               key_padding_mask=padding, gate=g_,
+                                                               chunk_size=chunk_size), q, k, v, gate, cotangent)
+    naive = _gradients(lambda q_, k_, v_, g_: _reference(q_, k_, v_, feature_map, causal, padding, g_),
+                       q, k, v, gate, cotangent)
+    for name_, fast_grad, naive_grad in zip(("dq", "dk", "dv", "dgate"), fast, naive, strict=False):
+        torch.testing.assert_close(fast_grad, naive_grad, atol=2e-5, rtol=1e-4, msg=lambda m, n=name_: f"{n}: {m}")
+    assert fast[0].abs().sum() > 0 and fast[1].abs().sum() > 0  # the gradients reach q and k
 
 
 @pytest.mark.parametrize("name", sorted(MAPS))
@@ -65,7 +92,7 @@ def test_noncausal_matches_naive(name: str) -> None:
     q, k, v = _qkv(29)
     padding = _padding(29)
     feature_map = MAPS[name]()
-    fast = feature_attention(q, k, v, feature_map, False, padding)
+    fast = feature_attention(q, k, v, feature_map, causal=False, key_padding_mask=padding)
     torch.testing.assert_close(fast, _reference(q, k, v, feature_map, False, padding), atol=1e-5, rtol=1e-5)
 
 
@@ -79,11 +106,11 @@ def test_recurrent_steps_match_chunked_and_naive(gated: bool) -> None:
     log_gate = None if gate is None else gate.log()
     state, steps = None, []
     for t in range(length):
-        out, state = recurrent_step(phi_q[:, :, t:t + 1], phi_k[:, :, t:t + 1], v[:, :, t:t + 1], state,
-                                    None if log_gate is None else log_gate[:, :, t:t + 1])
+        out, state = recurrent_step(phi_q[:, :, t:t + 1], phi_k[:, :, t:t + 1], v[:, :, t:t + 1], state=state,
+                                    log_gate=None if log_gate is None else log_gate[:, :, t:t + 1])
         steps.append(out)
     assert state.shape == (B, H, 64, v.shape[-1] + 1)  # O(D d_v) per head, whatever the length
-    chunked, final = causal_linear_attention(phi_q, phi_k, v, log_gate, chunk_size=4)
+    chunked, final = causal_linear_attention(phi_q, phi_k, v, log_gate=log_gate, chunk_size=4)
     naive = naive_feature_attention(phi_q, phi_k, v, causal=True, gate=gate)
     torch.testing.assert_close(torch.cat(steps, 2), naive, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(chunked, naive, atol=1e-5, rtol=1e-5)
@@ -97,7 +124,8 @@ def test_prefill_then_decode_continues_the_sequence() -> None:
     prefix, state = causal_feature_attention(q[:, :, :12], k[:, :, :12], v[:, :, :12], feature_map, chunk_size=5)
     outs = [prefix]
     for t in range(12, 20):
-        out, state = causal_feature_attention(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], feature_map, state)
+        out, state = causal_feature_attention(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], feature_map,
+                                              state=state)
         outs.append(out)
     torch.testing.assert_close(torch.cat(outs, 2), full, atol=1e-5, rtol=1e-5)
 
@@ -113,7 +141,7 @@ def test_rmfa_converges_to_kernel_attention(kernel: str, causal: bool) -> None:
         draws = [
             _relative_error(feature_attention(q, k, v, RandomMaclaurinFeatures(D_HEAD, num_features, kernel, seed=s,
                                                                                constant_feature=True),
-                                              causal, padding), exact)
+                                              causal=causal, key_padding_mask=padding), exact)
             for s in range(3)
         ]
         errors.append(sum(draws) / len(draws))
@@ -132,7 +160,8 @@ def test_exp_kernel_with_matching_scaling_is_softmax() -> None:
     target = softmax_attention(small_q, small_k, v, False, padding, scale=1.0)
     for feature_map in (RandomMaclaurinFeatures(D_HEAD, 4096, "exp", seed=0, constant_feature=True),
                         SpectralFeatures(D_HEAD, 4096, seed=0)):
-        assert _relative_error(feature_attention(small_q, small_k, v, feature_map, False, padding), target) < 0.03
+        out = feature_attention(small_q, small_k, v, feature_map, key_padding_mask=padding)
+        assert _relative_error(out, target) < 0.03
 
 
 def test_fourier_attention_approximates_softmax_of_unit_vectors() -> None:
@@ -152,8 +181,8 @@ def test_padding_keys_contribute_nothing() -> None:
     garbage_v[padding[:, None, :, None].expand_as(v)] = 1e4
     for causal in (False, True):
         torch.testing.assert_close(
-            feature_attention(q, garbage_k, garbage_v, feature_map, causal, padding),
-            feature_attention(q, k, v, feature_map, causal, padding),
+            feature_attention(q, garbage_k, garbage_v, feature_map, causal=causal, key_padding_mask=padding),
+            feature_attention(q, k, v, feature_map, causal=causal, key_padding_mask=padding),
         )
 
 
@@ -178,7 +207,7 @@ def test_fully_padded_rows_give_zero_not_nan() -> None:
     q, k, v = _qkv(6)
     padding = torch.ones(B, 6, dtype=torch.bool)
     feature_map = RandomMaclaurinFeatures(D_HEAD, 32, seed=0)
-    for result in (feature_attention(q, k, v, feature_map, False, padding),
+    for result in (feature_attention(q, k, v, feature_map, key_padding_mask=padding),
                    kernel_attention(q, k, v, "exp", False, padding),
                    softmax_attention(q, k, v, False, padding)):
         assert torch.equal(result, torch.zeros_like(result))
@@ -239,7 +268,7 @@ def test_shapes_and_masks_property(batch, heads, length, dv, chunk, causal, pad_
     v = torch.randn(batch, heads, length, dv, generator=generator)
     padding = torch.rand(batch, length, generator=generator) < 0.3
     feature_map = RandomMaclaurinFeatures(8, 24, seed=pad_seed)
-    out = feature_attention(q, k, v, feature_map, causal, padding, chunk_size=chunk)
+    out = feature_attention(q, k, v, feature_map, causal=causal, key_padding_mask=padding, chunk_size=chunk)
     assert out.shape == (batch, heads, length, dv) and out.isfinite().all()
     reference = _reference(q, k, v, feature_map, causal, padding)
     torch.testing.assert_close(out, reference, atol=1e-4, rtol=1e-4)

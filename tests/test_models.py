@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from macformer import MacformerConfig, MacformerForCausalLM, MacformerForSequenceClassification
-from macformer.config import ATTENTIONS, FEATURE_ATTENTIONS
+from macformer.features import FeatureMap
 from macformer.models import MacformerModel
+from macformer.registry import ATTENTIONS
 
 VOCAB = 40
 
@@ -48,7 +49,7 @@ def test_incremental_decoding_matches_the_full_forward(attention: str, overrides
     for t in range(7, 19):
         pieces.append(model.lm_head(model.model(tokens[:, t:t + 1], caches=caches, position_offset=t)))
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
-    if attention in FEATURE_ATTENTIONS:  # constant-size recurrent state, no KV cache
+    if ATTENTIONS[attention].features is not None:  # constant-size recurrent state, no KV cache
         assert all(c.keys is None and c.state.shape[-2:] == (48, 17) for c in caches)
 
 
@@ -368,3 +369,36 @@ def test_stabilised_rows_flags_exactly_the_floored_denominators() -> None:
     # (den 0 = floor 0: not replaced).
     rows = stabilised_rows(query, keys, causal=True)
     assert rows.tolist() == [[[False, True, False]]]
+
+
+class _EluFeatures(FeatureMap):
+    """Katharopoulos et al.'s deterministic elu + 1 map: what a new linear attention brings."""
+
+    def _draw(self, generator: torch.Generator) -> None:
+        pass
+
+    def forward(self, x: torch.Tensor, is_query: bool = False) -> torch.Tensor:
+        self.maybe_redraw()
+        return torch.nn.functional.elu(x) + 1
+
+
+def test_an_attention_is_added_by_one_registry_entry(monkeypatch) -> None:
+    from macformer.attention import naive_feature_attention
+    from macformer.registry import AttentionSpec
+
+    def elu_features(config, seed, oprf_rho):
+        return _EluFeatures(config.head_dim, config.head_dim, seed=seed)
+
+    monkeypatch.setitem(ATTENTIONS, "elu_linear", AttentionSpec("elu + 1 linear attention", features=elu_features))
+    model = _lm("elu_linear").eval()
+    assert model.config.variant() == "elu_linear" and not model.config.ppsbn
+    tokens = torch.randint(0, VOCAB, (2, 12))
+    logits = model(tokens).logits
+    # The layer computes linear attention on those features, equal to the explicit-matrix reference.
+    attention = model.model.blocks[0].attention
+    x = torch.randn(2, 12, model.config.d_model)
+    q, k, v = attention._project(x)
+    expected = naive_feature_attention(attention.feature_map(q), attention.feature_map(k), v, causal=True)
+    out = attention.out(expected.transpose(1, 2).reshape(2, 12, -1))
+    torch.testing.assert_close(attention(x), out, atol=1e-5, rtol=1e-5)
+    assert logits.isfinite().all()

@@ -130,12 +130,12 @@ def test_every_pair_runs_noncausal_causal_and_recurrent_through_one_path(name: s
     query_features, key_features = feature_map(q, is_query=True), feature_map(k) * keep
     for causal in (False, True):
         reference = naive_feature_attention(query_features, key_features, v * keep, causal, padding)
-        fast = feature_attention(q, k, v, feature_map, causal, padding, chunk_size=4)
+        fast = feature_attention(q, k, v, feature_map, causal=causal, key_padding_mask=padding, chunk_size=4)
         torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
     state, steps = None, []
     for t in range(13):
         out, state = causal_feature_attention(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], feature_map,
-                                              state, padding[:, t:t + 1])
+                                              state=state, key_padding_mask=padding[:, t:t + 1])
         steps.append(out)
     torch.testing.assert_close(torch.cat(steps, 2)[0], fast[0], atol=1e-5, rtol=1e-5)  # row 0 has no padding
 

@@ -175,11 +175,11 @@ def test_train_bad_input(tmp_path, lm_data, capsys) -> None:
     with pytest.raises(ConfigError, match="unknown setting"):
         TrainConfig.load(None, [f"data={lm_data}", "num_featurez=3"])
     with pytest.raises(ConfigError, match=r"model: MacformerConfig\.attention"):
-        _config(tmp_path, lm_data, model={"attention": "linear"}).model_config()
+        _config(tmp_path, lm_data, model={"attention": "linear"}).with_model_resolved()
     with pytest.raises(ConfigError, match="fp16 needs GPUs"):
         _config(tmp_path, lm_data, precision="fp16")
     with pytest.raises(ConfigError, match="is a causal_lm dataset; use task: causal_lm"):
-        _config(tmp_path, lm_data, task="classification").model_config()
+        _config(tmp_path, lm_data, task="classification").with_model_resolved()
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "not found" in capsys.readouterr().err
     assert main(["train", f"data={tmp_path}"]) == 2

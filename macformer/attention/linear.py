@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from macformer.attention.common import DENOMINATOR_EPS, check_qkv, key_keep, log_gate_of, stabilised_ratio
-from macformer.errors import MacformerError
+from macformer.errors import MacformerError, check_positive_int
 from macformer.features.base import FeatureMap
 
 DEFAULT_CHUNK_SIZE = 64
@@ -31,7 +31,7 @@ def _finish(numerator_and_denominator: torch.Tensor, query_features: torch.Tenso
 
 
 def noncausal_linear_attention(
-    query_features: torch.Tensor, key_features: torch.Tensor, v: torch.Tensor, eps: float = DENOMINATOR_EPS
+    query_features: torch.Tensor, key_features: torch.Tensor, v: torch.Tensor, *, eps: float = DENOMINATOR_EPS
 ) -> torch.Tensor:
     """out = phi(Q) S / phi(Q) z with S = phi(K)^T V: O(n D d_v) time, O(D d_v) state per head.
     Padding keys must already have zero feature rows."""
@@ -39,10 +39,55 @@ def noncausal_linear_attention(
     return _finish(query_features @ state, query_features, state[..., -1].unsqueeze(-2), eps)
 
 
+def _ungated_chunks(
+    q_c: torch.Tensor, k_c: torch.Tensor, v_c: torch.Tensor, state: torch.Tensor | None, causal_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per chunk c (inputs [..., chunks, C, f]): phi(Q_c) H_c + tril(phi(Q_c) phi(K_c)^T) V'_c with H_c
+    the exclusive prefix sum of the chunk states phi(K_c)^T V'_c; returns (that, the key sums z_t
+    for the stabiliser, the final state)."""
+    chunk_kv = k_c.transpose(-1, -2) @ v_c  # [..., chunks, D, dv + 1]
+    starts = chunk_kv.cumsum(-3) - chunk_kv
+    if state is not None:
+        starts = starts + state.unsqueeze(-3)
+    final = starts[..., -1, :, :] + chunk_kv[..., -1, :, :]
+    out = q_c @ starts + ((q_c @ k_c.transpose(-1, -2)) * causal_mask) @ v_c
+    with torch.no_grad():  # z_t, for the stabiliser's floor only
+        key_sums = starts[..., -1].unsqueeze(-2) + k_c.cumsum(-2)
+    return out, key_sums, final
+
+
+def _gated_chunks(
+    q_c: torch.Tensor, k_c: torch.Tensor, v_c: torch.Tensor, log_g: torch.Tensor, state: torch.Tensor | None,
+    causal_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As `_ungated_chunks` for S_t = g_t S_{t-1} + (1 - g_t) phi(k_t) v_t^T (log_g: [..., chunks, C]):
+    key j reaches query t in its chunk with weight (1 - g_j) prod_{j<l<=t} g_l, and the chunk's
+    start state decays by the product of the gates up to t; the start states need a sequential scan
+    over chunks."""
+    within = log_g.cumsum(-1)  # L_t: log of the product of gates from the chunk start to t
+    exponent = (within[..., :, None] - within[..., None, :]).masked_fill(~causal_mask, -math.inf)
+    pair_weights = exponent.exp() * (-torch.expm1(log_g))[..., None, :]
+    to_end = (within[..., -1:] - within).exp() * (-torch.expm1(log_g))  # weight of j in the chunk's state
+    chunk_kv = (k_c * to_end[..., None]).transpose(-1, -2) @ v_c
+    chunk_decay = within[..., -1].exp()  # product of all gates in the chunk
+    running = state if state is not None else chunk_kv.new_zeros(*chunk_kv.shape[:-3], *chunk_kv.shape[-2:])
+    starts_list = []
+    for index in range(chunk_kv.shape[-3]):
+        starts_list.append(running)
+        running = chunk_decay[..., index, None, None] * running + chunk_kv[..., index, :, :]
+    starts = torch.stack(starts_list, dim=-3)
+    decay = within.exp()[..., None]
+    out = (q_c * decay) @ starts + ((q_c @ k_c.transpose(-1, -2)) * pair_weights) @ v_c
+    with torch.no_grad():
+        key_sums = decay * starts[..., -1].unsqueeze(-2) + pair_weights @ k_c
+    return out, key_sums, running
+
+
 def causal_linear_attention(
     query_features: torch.Tensor,
     key_features: torch.Tensor,
     v: torch.Tensor,
+    *,
     log_gate: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     state: torch.Tensor | None = None,
@@ -57,11 +102,9 @@ def causal_linear_attention(
     `state` continues from an earlier call (prefill then decode). Padding keys must already have zero
     feature rows (and g = 1).
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise MacformerError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    *lead, length, num_features = query_features.shape
+    check_positive_int("chunk_size", chunk_size)
+    *lead, length, _ = query_features.shape
     values = _with_ones(v)
-    width = values.shape[-1]
     chunk = min(chunk_size, length)
     num_chunks = math.ceil(length / chunk)
     pad = num_chunks * chunk - length
@@ -72,46 +115,22 @@ def causal_linear_attention(
     q_c, k_c, v_c = chunked(query_features), chunked(key_features), chunked(values)
     causal_mask = torch.ones(chunk, chunk, dtype=torch.bool, device=v.device).tril()
     if log_gate is None:
-        pair_weights = causal_mask.to(q_c.dtype)
-        chunk_kv = k_c.transpose(-1, -2) @ v_c  # [..., num_chunks, D, dv + 1]
-        # Exclusive prefix sum over chunks: the state each chunk starts from.
-        starts = chunk_kv.cumsum(-3) - chunk_kv
-        if state is not None:
-            starts = starts + state.unsqueeze(-3)
-        final = starts[..., -1, :, :] + chunk_kv[..., -1, :, :]
-        inter = q_c @ starts
-    else:
-        # Padded tail positions get g = 1 (log 0): they neither decay nor add.
+        out, key_sums, final = _ungated_chunks(q_c, k_c, v_c, state, causal_mask.to(q_c.dtype))
+    else:  # padded tail positions get g = 1 (log 0): they neither decay nor add
         log_g = F.pad(log_gate, (0, pad)).reshape(*log_gate.shape[:-1], num_chunks, chunk)
-        within = log_g.cumsum(-1)  # L_t: log of the product of gates from the chunk start to t
-        exponent = (within[..., :, None] - within[..., None, :]).masked_fill(~causal_mask, -math.inf)
-        pair_weights = exponent.exp() * (-torch.expm1(log_g))[..., None, :]  # b_j prod_{j<l<=t} g_l
-        to_end = (within[..., -1:] - within).exp() * (-torch.expm1(log_g))  # weight of j in chunk's sum
-        chunk_kv = (k_c * to_end[..., None]).transpose(-1, -2) @ v_c
-        chunk_decay = within[..., -1].exp()  # product of all gates in the chunk
-        running = state if state is not None else chunk_kv.new_zeros(*lead, num_features, width)
-        starts_list = []
-        for index in range(num_chunks):
-            starts_list.append(running)
-            running = chunk_decay[..., index, None, None] * running + chunk_kv[..., index, :, :]
-        starts, final = torch.stack(starts_list, dim=-3), running
-        inter = (q_c * within.exp()[..., None]) @ starts
-    intra = ((q_c @ k_c.transpose(-1, -2)) * pair_weights) @ v_c
-    numerator_and_denominator = (inter + intra).reshape(*lead, num_chunks * chunk, width)[..., :length, :]
-    with torch.no_grad():  # z_t for the stabiliser's floor only
-        start_sums = starts[..., -1].unsqueeze(-2)  # [..., num_chunks, 1, D]
-        if log_gate is None:
-            key_sums = start_sums + k_c.cumsum(-2)
-        else:
-            key_sums = within.exp()[..., None] * start_sums + pair_weights @ k_c
-        key_sums = key_sums.reshape(*lead, num_chunks * chunk, num_features)[..., :length, :]
-    return _finish(numerator_and_denominator, query_features, key_sums, eps), final
+        out, key_sums, final = _gated_chunks(q_c, k_c, v_c, log_g, state, causal_mask)
+
+    def unchunked(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(*lead, num_chunks * chunk, x.shape[-1])[..., :length, :]
+
+    return _finish(unchunked(out), query_features, unchunked(key_sums), eps), final
 
 
 def recurrent_step(
     query_features: torch.Tensor,
     key_features: torch.Tensor,
     v: torch.Tensor,
+    *,
     state: torch.Tensor | None = None,
     log_gate: torch.Tensor | None = None,
     eps: float = DENOMINATOR_EPS,
@@ -154,6 +173,7 @@ def causal_feature_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     feature_map: FeatureMap,
+    *,
     state: torch.Tensor | None = None,
     key_padding_mask: torch.Tensor | None = None,
     gate: torch.Tensor | None = None,
@@ -175,11 +195,11 @@ def causal_feature_attention(
         query_features, key_features, values = _features_and_values(q, k, v, feature_map, key_padding_mask)
         log_gate = log_gate_of(gate, key_padding_mask)
         if state is not None and q.shape[2] == 1:
-            out, state = recurrent_step(query_features, key_features, values, state, log_gate, eps)
+            out, state = recurrent_step(query_features, key_features, values, state=state, log_gate=log_gate,
+                                        eps=eps)
         else:
-            out, state = causal_linear_attention(
-                query_features, key_features, values, log_gate, chunk_size, state, eps
-            )
+            out, state = causal_linear_attention(query_features, key_features, values, log_gate=log_gate,
+                                                 chunk_size=chunk_size, state=state, eps=eps)
     return out.to(v.dtype), state
 
 
@@ -188,6 +208,7 @@ def feature_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     feature_map: FeatureMap,
+    *,
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     gate: torch.Tensor | None = None,
@@ -202,11 +223,12 @@ def feature_attention(
     (ppSBN or d^-1/4) to target softmax-like attention. Returns [batch, heads, seq, d_v] in v's dtype.
     """
     if causal:
-        return causal_feature_attention(q, k, v, feature_map, None, key_padding_mask, gate, chunk_size, eps)[0]
+        return causal_feature_attention(q, k, v, feature_map, key_padding_mask=key_padding_mask, gate=gate,
+                                        chunk_size=chunk_size, eps=eps)[0]
     check_qkv(q, k, v)
     if gate is not None:
         raise MacformerError("the RFA gate is a recency decay and needs causal=True")
     with torch.autocast(device_type=q.device.type, enabled=False):
         query_features, key_features, values = _features_and_values(q, k, v, feature_map, key_padding_mask)
-        out = noncausal_linear_attention(query_features, key_features, values, eps)
+        out = noncausal_linear_attention(query_features, key_features, values, eps=eps)
     return out.to(v.dtype)

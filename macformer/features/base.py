@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
-from macformer.errors import MacformerError
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise MacformerError(f"{name} must be a positive integer, got {value!r}")
-    return value
+from macformer.errors import MacformerError, check_positive_int
 
 
 class FeatureMap(nn.Module):
@@ -32,10 +24,10 @@ class FeatureMap(nn.Module):
         self, dim: int, num_features: int, seed: int | None = None, redraw_interval: int | None = None
     ) -> None:
         super().__init__()
-        self.dim = _check_positive_int("dim", dim)
-        self.num_features = _check_positive_int("num_features", num_features)
+        self.dim = check_positive_int("dim", dim)
+        self.num_features = check_positive_int("num_features", num_features)
         if redraw_interval is not None:
-            _check_positive_int("redraw_interval", redraw_interval)
+            check_positive_int("redraw_interval", redraw_interval)
         self.redraw_interval = redraw_interval
         if seed is None:  # follow torch's global RNG so torch.manual_seed makes maps reproducible
             seed = int(torch.randint(0, 2**62, ()).item())

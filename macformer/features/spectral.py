@@ -28,8 +28,8 @@ import math
 import torch
 from torch import nn
 
-from macformer.errors import MacformerError
-from macformer.features.base import FeatureMap, _check_positive_int
+from macformer.errors import MacformerError, check_positive_int
+from macformer.features.base import FeatureMap
 from macformer.features.samplers import SAMPLERS, fastfood_matrix, fastfood_parameters, get_sampler
 
 __all__ = ["COMPONENTS", "LEARNED_WEIGHTS", "WEIGHTS", "SpectralFeatures", "gerf_parameters", "oprf_a"]
@@ -130,7 +130,7 @@ class SpectralFeatures(FeatureMap):
         if not sigma > 0:
             raise MacformerError(f"sigma must be positive, got {sigma!r}")
         if learned_sigma:
-            _check_positive_int("num_heads (needed by learned_sigma)", num_heads)
+            check_positive_int("num_heads (needed by learned_sigma)", num_heads)
             # log-parameterised so sigma stays positive.
             self.log_sigma = nn.Parameter(torch.full((num_heads, 1, 1), float(sigma)).log())
         else:
