@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import add_common_arguments, check_positive, pyplot, save_figure, write_results
+from benchmarks.common import add_common_arguments, check_positive, line_style, pyplot, save_figure, write_results
 from macformer.attention import feature_attention, kernel_attention, softmax_attention
 from macformer.features import RandomMaclaurinFeatures, SpectralFeatures
 from macformer.kernels import KERNELS, get_kernel
@@ -139,18 +139,18 @@ def plot(rows: list[dict], args: argparse.Namespace) -> Path:
     for column, seq_len in enumerate(args.seq_lens):
         for line, causal in enumerate((False, True)):
             ax = axes[line][column]
-            for row in rows:
-                if row["seq_len"] == seq_len and row["causal"] == causal and row["errors"]:
-                    dims = sorted(row["errors"])
-                    ax.plot(dims, [row["errors"][d] for d in dims], marker="o", markersize=3,
-                            label=f"{row['method']} {row['inputs']} {row['estimator']}")
+            series = [r for r in rows if r["seq_len"] == seq_len and r["causal"] == causal and r["errors"]]
+            for index, row in enumerate(series):
+                dims = sorted(row["errors"])
+                ax.plot(dims, [row["errors"][d] for d in dims], **line_style(index),
+                        label=f"{row['method']} {row['inputs']} {row['estimator']}")
             reference = [1 / math.sqrt(d) for d in args.dims]
             ax.plot(args.dims, reference, "k--", linewidth=1, label="1/sqrt(D)")
             ax.set(xscale="log", yscale="log", xlabel="D (random features)", ylabel="relative error",
                    title=f"n={seq_len} {'causal' if causal else 'non-causal'}")
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=6)
-    return save_figure(figure, args.output / "approximation_error.png")
+    figure.suptitle("RMFA attention error vs D (mean over draws): each kernel, inputs and estimator")
+    return save_figure(figure, args.output / "approximation_error.png", legend_axes=axes[0][0])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

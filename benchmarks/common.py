@@ -121,10 +121,24 @@ def pyplot():
     return plt
 
 
-def save_figure(figure, path: Path) -> Path:
-    """Lay out, write as PNG and release a matplotlib figure."""
+def line_style(index: int) -> dict[str, Any]:
+    """Matplotlib style of series number `index`: 20 colours, then the same with other dashes and
+    markers, so that no two of up to 80 series look alike."""
+    import matplotlib
+
+    return {"color": matplotlib.colormaps["tab20"](index % 20), "linestyle": ("-", "--", ":", "-.")[index // 20 % 4],
+            "marker": ("o", "s", "^", "D")[index // 20 % 4], "markersize": 3}
+
+
+def save_figure(figure, path: Path, legend_axes=None) -> Path:
+    """Lay out, write as PNG and release a matplotlib figure; with `legend_axes`, that axes' series
+    are named in one legend beside the panels, never over the data."""
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    extra = []
+    if legend_axes is not None:
+        extra.append(figure.legend(*legend_axes.get_legend_handles_labels(), loc="center left",
+                                   bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False))
+    figure.savefig(path, dpi=110, bbox_inches="tight", bbox_extra_artists=extra)
     pyplot().close(figure)
     return path
 

@@ -164,7 +164,7 @@ def _run_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if not rows:
         raise PipelineError(f"experiment {args.experiment!r} has no training run yet; run `macformer train` first")
     print(format_table(rows))
-    for path in plot(rows, Path(args.plots)):
+    for path in plot(rows, Path(args.plots), args.experiment):
         print(f"wrote {path}")
     return 0
 

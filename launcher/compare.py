@@ -66,8 +66,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]], directory: Path) -> list[Path]:
-    """Quality vs throughput and quality vs D per attention variant, as PNG files."""
+def plot(rows: list[dict[str, Any]], directory: Path, experiment: str = "") -> list[Path]:
+    """Quality vs throughput and quality vs D per attention variant, as titled PNG files."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,6 +90,8 @@ def plot(rows: list[dict[str, Any]], directory: Path) -> list[Path]:
             axes.set_xscale("log", base=2)
         axes.set_xlabel(x_label)
         axes.set_ylabel(metric.replace("_", " "))
+        axes.set_title(f"{experiment + ': ' if experiment else ''}{metric.replace('_', ' ')} vs {x_label}, "
+                       "one line per attention variant", fontsize=9)
         axes.legend(fontsize=8)
         axes.grid(alpha=0.3)
         figure.tight_layout()

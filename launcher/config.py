@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from pipelines.storage import is_uri
 TASKS = ("causal_lm", "classification")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("constant", "cosine", "onecycle")
+DEFAULT_WARMUP_STEPS = 10  # constant and cosine schedules; onecycle has its own rise
 
 
 class ConfigError(PipelineError):
@@ -44,12 +46,22 @@ def _check_type(name: str, value: Any, annotation: str) -> None:
         raise ConfigError(f"setting {name}: expected {kind}, got {value!r} ({type(value).__name__})")
 
 
+def default_run_name(model: MacformerConfig) -> str:
+    """What trains and when: rmfa-exp-D128-ppsbn-20261201-101710, softmax-20261201-101710."""
+    parts = [model.variant()]
+    if model.spec.features is not None:
+        parts.append(f"D{model.num_features}")
+    if model.ppsbn:
+        parts.append("ppsbn")
+    return "-".join([*parts, time.strftime("%Y%m%d-%H%M%S")])
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run needs. `model` holds the MacformerConfig settings as written (a
-    mapping); `with_model_resolved()` turns it into the MacformerConfig, completing vocab_size,
-    num_classes, max_seq_len and causal from the dataset's manifest: the driver does it once and
-    the workers receive the result."""
+    mapping); `resolved()` turns it into the MacformerConfig, completing vocab_size,
+    num_classes, max_seq_len and causal from the dataset's manifest, and names the run after what it
+    trains unless run_name is given: the driver does it once and the workers receive the result."""
 
     data: str
     task: str = "causal_lm"
@@ -63,7 +75,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     adam_eps: float = 1e-8
     schedule: str = "cosine"
-    warmup_steps: int = 10
+    warmup_steps: int | None = None
     gradient_clipping: float = 1.0
     precision: str = "fp32"
     zero_stage: int = 0
@@ -76,7 +88,7 @@ class TrainConfig:
     max_failures: int = 0
     seed: int = 0
     experiment: str = "macformer"
-    run_name: str = "run"
+    run_name: str | None = None
     storage_path: str = "runs"
     tracking_uri: str | None = None
     parent_run_id: str | None = None
@@ -102,7 +114,12 @@ class TrainConfig:
         for name in ("num_workers", "micro_batch_size", "gradient_accumulation", "max_steps", "eval_every",
                      "eval_batches", "checkpoint_every", "keep_checkpoints"):
             check_positive_int(name, getattr(self, name), ConfigError)
-        if self.max_failures < 0 or self.warmup_steps < 0:
+        if self.schedule == "onecycle" and self.warmup_steps is not None:
+            raise ConfigError("schedule onecycle warms up over its own first 30% of max_steps; remove warmup_steps "
+                              "(or use schedule cosine or constant, which take it)")
+        if self.schedule != "onecycle" and self.warmup_steps is None:
+            object.__setattr__(self, "warmup_steps", DEFAULT_WARMUP_STEPS)
+        if self.max_failures < 0 or (self.warmup_steps or 0) < 0:
             raise ConfigError("max_failures and warmup_steps must be >= 0")
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate!r}")
@@ -166,11 +183,12 @@ class TrainConfig:
 
         return default_tracking_uri(self.tracking_uri)
 
-    def with_model_resolved(self, manifest: dict[str, Any] | None = None) -> TrainConfig:
+    def resolved(self, manifest: dict[str, Any] | None = None) -> TrainConfig:
         """This config with `model` as a MacformerConfig completed from the dataset manifest (read
-        here unless given); unchanged if it is one already."""
+        here unless given) and a run_name (default: what trains and when, e.g.
+        rmfa-exp-D128-ppsbn-20261201-101710); unchanged if resolved already."""
         if isinstance(self.model, MacformerConfig):
-            return self
+            return self if self.run_name else dataclasses.replace(self, run_name=default_run_name(self.model))
         manifest = load_manifest(self.data) if manifest is None else manifest
         settings = dict(self.model)
         if self.task == "causal_lm":
@@ -188,6 +206,7 @@ class TrainConfig:
             settings.setdefault("dual_encoder", manifest.get("task") == "retrieval")
         settings.setdefault("seed", self.seed)
         try:
-            return dataclasses.replace(self, model=MacformerConfig.from_dict(settings))
+            model = MacformerConfig.from_dict(settings)
         except MacformerError as error:
             raise ConfigError(f"model: {error}") from None
+        return dataclasses.replace(self, model=model, run_name=self.run_name or default_run_name(model))

@@ -17,7 +17,7 @@ from launcher.tracking import default_tracking_uri, mask_credentials
 from macformer import MacformerForCausalLM, MacformerForSequenceClassification
 from macformer.models import CONFIG_FILE, PreTrainedMacformer
 from pipelines.reader import ShardReader
-from pipelines.shards import load_manifest
+from pipelines.shards import load_manifest, vocab_size
 from pipelines.storage import is_uri
 from pipelines.tokenizer import processor_from_bytes
 
@@ -118,21 +118,17 @@ def evaluation_metrics(totals: torch.Tensor, task: str) -> dict[str, float]:
 def evaluate(model: PreTrainedMacformer, data: str, split: str | None, batch_size: int, batches: int
              ) -> dict[str, float]:
     task = "causal_lm" if isinstance(model, MacformerForCausalLM) else "classification"
-    kind = load_manifest(data)["kind"]
+    manifest = load_manifest(data)
+    kind = manifest["kind"]
     if kind != task:
         raise ConfigError(f"{data} is a {kind} dataset and the model a {type(model).__name__}; evaluate on a "
                           f"{task} dataset (the kind the model was trained on)")
-    check_vocabulary(model, dataset_vocab_size(data), f"dataset {data}")
+    check_vocabulary(model, vocab_size(manifest), f"dataset {data}")
     totals = evaluation_totals(model, eval_batches(ShardReader(data, shuffle=False, split=split), task, batch_size,
                                                    batches), task)
     if totals[2] == 0:
         raise ConfigError(f"{data} has fewer samples than one batch of {batch_size}; lower --batch-size")
     return {**evaluation_metrics(totals, task), "samples": float(totals[2])}
-
-
-def dataset_vocab_size(data: str) -> int:
-    manifest = load_manifest(data)
-    return manifest["tokenizer"]["vocab_size"] if manifest["kind"] == "causal_lm" else manifest["vocab_size"]
 
 
 def check_vocabulary(model: PreTrainedMacformer, vocab_size: int, source: str) -> None:

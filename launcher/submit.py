@@ -18,9 +18,8 @@ EXCLUDES = [".venv/", ".git/", "data/", "runs/", "mlartifacts/", "mlflow.db", "c
 
 
 def job_entrypoint(config: TrainConfig) -> str:
-    """`macformer train` with every setting on the command line, validated here and with paths made
-    absolute (the job runs in an uploaded copy of this directory, where relative paths would point)."""
-    config = check_ready(config.with_absolute_paths())
+    """`macformer train` with every setting of a checked config (`check_ready`, paths absolute: the
+    job runs in an uploaded copy of this directory, where relative paths would point elsewhere)."""
     settings = [f"{key}={yaml_value(value)}" for key, value in config.to_dict().items() if value is not None]
     return shlex.join(["python", "-m", "launcher.cli", "train", *settings])
 
@@ -29,6 +28,7 @@ def submit(config: TrainConfig, address: str, follow: bool = True) -> tuple[str,
     """Submit the training job; follow its logs; returns (job id, final status)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    config = check_ready(config.with_absolute_paths())
     entrypoint = job_entrypoint(config)
     try:
         client = JobSubmissionClient(address)

@@ -65,13 +65,16 @@ def run_params(config: dict[str, Any], model: MacformerConfig, world_size: int, 
     kernel = model.kernel if isinstance(model.kernel, str) else "custom"
     return {
         "attention": model.attention, "variant": model.variant(), "kernel": kernel,
-        "component": model.component or "", "weights": model.weights or "", "num_features": model.num_features,
+        "component": model.component or "", "weights": model.weights or "", "D": model.num_features,
+        "num_features": model.num_features,
         "p": model.p,
         "ppsbn": model.ppsbn, "ppsbn_max_temperature": model.ppsbn_max_temperature,
         "ppsbn_initial_temperature": model.ppsbn_initial_temperature,
         "ppsbn_temperature_lr_scale": model.ppsbn_temperature_lr_scale, "d_model": model.d_model,
         "num_layers": model.num_layers,
-        "num_heads": model.num_heads, "d_ff": model.d_ff, "seq_len": model.max_seq_len,
+        "num_heads": model.num_heads, "d_ff": model.d_ff,
+        # what the user asked for: a causal LM's windows hold seq_len + 1 tokens (model.max_seq_len)
+        "seq_len": manifest.get("seq_len", model.max_seq_len) if model.causal else model.max_seq_len,
         "world_size": world_size, "zero_stage": config["zero_stage"], "precision": config["precision"],
         "micro_batch_size": config["micro_batch_size"], "gradient_accumulation": config["gradient_accumulation"],
         "learning_rate": config["learning_rate"], "task": config["task"], "max_steps": config["max_steps"],
@@ -94,6 +97,7 @@ def ensure_experiment(uri: str, name: str) -> None:
 
 
 RUN_DIRECTORY_TAG = "run_directory"
+SYSTEM_METRICS_INTERVAL_S = 5
 
 
 def end_tracked_run(uri: str, experiment: str, run_directory: str, status: str) -> str | None:
@@ -123,13 +127,16 @@ class Tracker:
         self.mlflow = mlflow
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(experiment)
+        # System metrics (CPU, memory, disk, network; GPU with pynvml) every few seconds.
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
+        mlflow.set_system_metrics_samples_before_logging(1)
         if run_id:
-            self.run = mlflow.start_run(run_id=run_id)
+            self.run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
         else:  # a sweep trial is a child of the sweep's parent run
             tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
             if run_directory:  # how the driver finds the run to end it after an interrupt or failure
                 tags[RUN_DIRECTORY_TAG] = run_directory
-            self.run = mlflow.start_run(run_name=run_name, tags=tags or None)
+            self.run = mlflow.start_run(run_name=run_name, tags=tags or None, log_system_metrics=True)
 
         self.failed = False
 

@@ -14,14 +14,18 @@ from macformer.errors import MacformerError
 from pipelines import storage
 from pipelines.ray_runtime import ray_session
 from pipelines.reader import ShardReader
-from pipelines.shards import load_manifest, verify_shard
+from pipelines.shards import load_manifest, verify_shard, vocab_size
 
 
 def check_ready(config: TrainConfig) -> TrainConfig:
     """Fail on the driver, in one line, before any worker starts: data, model, splits, tracking URI.
     Returns the config with its model resolved from the dataset's manifest."""
     manifest = load_manifest(config.data)
-    config = config.with_model_resolved(manifest)  # validates the model settings against the dataset
+    config = config.resolved(manifest)  # validates the model settings against the dataset
+    tokens = vocab_size(manifest)
+    if config.model.vocab_size < tokens:  # the data boundary's id check: the model never sees an id it lacks
+        raise ConfigError(f"model.vocab_size={config.model.vocab_size} is below the dataset's {tokens} token ids; "
+                          "remove model.vocab_size (it defaults to the dataset's) or raise it")
     for entry in manifest["shards"]:  # a missing or corrupt shard fails here, not in a worker
         if {config.train_split, config.eval_split} & {None, entry.get("split")}:
             verify_shard(config.data, entry)
@@ -80,7 +84,7 @@ def fit(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
-            "train": config.with_model_resolved(), "manifest": load_manifest(config.data), "git_commit": git_commit(),
+            "train": config.resolved(), "manifest": load_manifest(config.data), "git_commit": git_commit(),
             # `macformer submit` names the job; otherwise the id of this Ray driver.
             "ray_job_id": os.environ.get(JOB_ID_ENV) or ray.get_runtime_context().get_job_id(),
         },
@@ -151,6 +155,9 @@ def _remove_if_no_checkpoint(config: TrainConfig) -> None:
 def train(config: TrainConfig, ray_address: str | None = None, resume: bool = False) -> dict[str, Any]:
     """Run training, or with resume=True continue the run of the same run_name and storage_path
     from its latest checkpoint; returns the last metrics."""
+    if resume and config.run_name is None:
+        raise ConfigError("--resume continues a named run: pass run_name=NAME (training prints it when it starts "
+                          "and when it stops)")
     config = check_ready(config.with_absolute_paths())
     check_run_directory(config, resume)
     with ray_session(ray_address, log_to_driver=True, dashboard=True):

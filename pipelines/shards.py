@@ -118,6 +118,11 @@ def load_manifest(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def vocab_size(manifest: dict[str, Any]) -> int:
+    """How many token ids a dataset's samples use (its tokenizer's, or a task's vocabulary)."""
+    return manifest["tokenizer"]["vocab_size"] if manifest["kind"] == "causal_lm" else manifest["vocab_size"]
+
+
 def verify_shard(directory: str | Path, entry: dict[str, Any]) -> str:
     """The shard's path inside its filesystem, after checking that it exists and its sha256 matches."""
     filesystem, root = storage.resolve(directory)

@@ -71,7 +71,8 @@ def start_service(command: list[str], **env: str) -> subprocess.Popen:
 
 
 def stop_service(process: subprocess.Popen) -> None:
-    os.killpg(process.pid, signal.SIGTERM)
+    """Kill the service's whole process group (on SIGTERM a Ray node drains for 30 s first)."""
+    os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=60)
 
 

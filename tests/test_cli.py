@@ -3,6 +3,7 @@ defaults that do what the README says, and no secret printed. No Ray: everything
 finishes before a cluster would start."""
 
 import http.server
+import re
 import threading
 from pathlib import Path
 
@@ -136,3 +137,17 @@ def test_an_existing_run_directory_names_the_fix_that_exists(tmp_path, listops) 
     assert "--resume" not in str(refused.value)
     assert "--resume" in cli.build_parser()._subparsers._group_actions[0].choices["train"].format_usage()
     assert "--resume" not in cli.build_parser()._subparsers._group_actions[0].choices["sweep"].format_usage()
+
+
+def test_runs_are_named_after_what_they_train_and_onecycle_has_no_warmup(listops) -> None:
+    from launcher.config import TrainConfig
+
+    named = TrainConfig(data=str(listops), task="classification", model={"num_features": 64}).resolved()
+    assert re.fullmatch(r"rmfa-exp-D64-ppsbn-\d{8}-\d{6}", named.run_name)
+    softmax = TrainConfig(data=str(listops), task="classification", model={"attention": "softmax"}).resolved()
+    assert re.fullmatch(r"softmax-\d{8}-\d{6}", softmax.run_name)
+    assert TrainConfig(data=str(listops), task="classification", run_name="mine").resolved().run_name == "mine"
+    with pytest.raises(ConfigError, match="onecycle warms up over its own first 30%"):
+        TrainConfig(data=str(listops), schedule="onecycle", warmup_steps=10)
+    assert TrainConfig(data=str(listops), schedule="onecycle").warmup_steps is None
+    assert TrainConfig(data=str(listops)).warmup_steps == 10

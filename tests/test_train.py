@@ -20,6 +20,7 @@ from conftest import (
     is_loopback,
     listening_addresses,
     ray_node_ports,
+    stop_service,
 )
 
 from launcher.cli import main
@@ -89,6 +90,8 @@ def test_lm_trains_with_zero2_bf16_and_is_tracked(tmp_path, lm_data, capsys) -> 
     client, run = _run(config)
     params = run.data.params
     assert (params["variant"], params["kernel"], params["num_features"]) == ("rmfa-exp", "exp", "48")
+    assert (params["D"], params["seq_len"]) == ("48", "64")  # the user's seq_len, not the 65-token window
+    assert "system/cpu_utilization_percentage" in run.data.metrics  # MLflow's system metrics
     assert (params["zero_stage"], params["precision"], params["world_size"]) == ("2", "bf16", "2")
     assert params["dataset_fingerprint"] and run.data.tags["git_commit"]
     assert 0 < run.data.metrics["attention_approx_error"] < 1
@@ -175,11 +178,11 @@ def test_train_bad_input(tmp_path, lm_data, capsys) -> None:
     with pytest.raises(ConfigError, match="unknown setting"):
         TrainConfig.load(None, [f"data={lm_data}", "num_featurez=3"])
     with pytest.raises(ConfigError, match=r"model: MacformerConfig\.attention"):
-        _config(tmp_path, lm_data, model={"attention": "linear"}).with_model_resolved()
+        _config(tmp_path, lm_data, model={"attention": "linear"}).resolved()
     with pytest.raises(ConfigError, match="fp16 needs GPUs"):
         _config(tmp_path, lm_data, precision="fp16")
     with pytest.raises(ConfigError, match="is a causal_lm dataset; use task: causal_lm"):
-        _config(tmp_path, lm_data, task="classification").with_model_resolved()
+        _config(tmp_path, lm_data, task="classification").resolved()
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "not found" in capsys.readouterr().err
     assert main(["train", f"data={tmp_path}"]) == 2
@@ -347,8 +350,7 @@ def test_the_readme_ray_start_listens_on_loopback_only(tmp_path) -> None:
         assert any(port == gcs for _, port in seen), "the Ray head did not start"
         assert all(is_loopback(address) for address, _ in seen), seen
     finally:
-        os.killpg(head.pid, signal.SIGKILL)  # the whole group: SIGTERM makes Ray drain for 30 s first
-        head.wait()
+        stop_service(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
