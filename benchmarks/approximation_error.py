@@ -59,6 +59,16 @@ def mean_error(make_map, q, k, v, exact, causal: bool, seeds: int) -> float:
     return sum(errors) / len(errors)
 
 
+def _measured(row: dict) -> dict:
+    """Report each finished row at once: the full grid takes minutes."""
+    largest = max(row["errors"], default=None)
+    shown = ("diverges" if row.get("diverges") else "no D measured" if largest is None
+             else f"error {row['errors'][largest]:.4f} at D={largest}")
+    print(f"  {row['method']} ({row['inputs']}, {'causal' if row['causal'] else 'non-causal'}, {row['estimator']}, "
+          f"n={row['seq_len']}): {shown}", flush=True)
+    return row
+
+
 def rmfa_rows(args: argparse.Namespace, seq_len: int) -> list[dict]:
     rows = []
     for kernel_name in args.kernels:
@@ -79,7 +89,7 @@ def rmfa_rows(args: argparse.Namespace, seq_len: int) -> list[dict]:
                                 make = lambda seed, d=num_features, o=options, f=kernel_name: RandomMaclaurinFeatures(
                                     args.head_dim, d, f, seed=seed, **o)
                                 row["errors"][num_features] = mean_error(make, q, k, v, exact, causal, args.seeds)
-                    rows.append(row)
+                    rows.append(_measured(row))
     return rows
 
 
@@ -107,7 +117,7 @@ def softmax_estimator_rows(args: argparse.Namespace, seq_len: int) -> list[dict]
                     args.head_dim, d, c, w, seed=seed)
                 if weights != "moment_matched" or num_features > args.head_dim:
                     row["errors"][num_features] = mean_error(make, q_in, k_in, v, exact, causal, args.seeds)
-            rows.append(row)
+            rows.append(_measured(row))
     return rows
 
 

@@ -138,12 +138,16 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
                         help="continue the run with this run_name and storage_path from its latest checkpoint")
 
 
+SUMMARY_METRICS = ("train_loss", "eval_loss", "eval_perplexity", "eval_accuracy", "tokens_per_s",
+                   "attention_temperature", "attention_entropy")
+
+
 def _run_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from launcher.train import train
 
     metrics = train(_train_config(args), args.ray_address, resume=args.resume)
-    shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-    print(f"finished: {shown}")
+    shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in SUMMARY_METRICS if isinstance(metrics.get(k), float))
+    print(f"finished at step {metrics.get('step')}: {shown}")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -127,7 +128,8 @@ class Tracker:
         self.mlflow = mlflow
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(experiment)
-        # System metrics (CPU, memory, disk, network; GPU with pynvml) every few seconds.
+        # System metrics (CPU, memory, disk, network; GPU with pynvml) every few seconds, quietly.
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
         mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
         mlflow.set_system_metrics_samples_before_logging(1)
         if run_id:

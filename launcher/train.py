@@ -75,7 +75,14 @@ def fit(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     interrupt or a failure its MLflow run is ended KILLED or FAILED; bad input a worker met is
     raised as its one-line ConfigError."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+        TrainingFailedError,
+    )
     from ray.train.torch import TorchTrainer
 
     from launcher.loopback import LoopbackTorchConfig
@@ -95,6 +102,10 @@ def fit(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
             storage_path=config.storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
             failure_config=FailureConfig(max_failures=config.max_failures),
+            # One line per step: Ray Train's print-to-logger patch would show each print twice (beside
+            # Ray's own stdout forwarding), and its per-report INFO lines run to ~300 characters.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     try:

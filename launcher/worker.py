@@ -4,6 +4,7 @@ rank's share of the shards, evaluation, checkpoints reported to Ray Train, MLflo
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import resource
@@ -242,6 +243,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     config: TrainConfig = loop_config["train"]
     if not config.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # its per-report lines would follow every checkpoint
     import ray.train
 
     context = ray.train.get_context()
