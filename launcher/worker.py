@@ -243,7 +243,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     config: TrainConfig = loop_config["train"]
     if not config.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # its per-report lines would follow every checkpoint
+    # Warnings and errors only from libraries' loggers (Ray Train logs a ~300-character line per
+    # checkpoint report through the root logger); progress is this function's own print.
+    logging.getLogger().setLevel(logging.WARNING)
     import ray.train
 
     context = ray.train.get_context()
