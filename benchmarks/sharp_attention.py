@@ -34,6 +34,8 @@ VARIANTS: dict[str, dict] = {
     "kernel-exp": {"attention": "kernel"},
     "kernel-inverse": {"attention": "kernel", "kernel": "inverse"},
     "rmfa-exp": {"attention": "rmfa"},
+    "rmfa-exp-bound-1": {"attention": "rmfa", "ppsbn_max_temperature": 1.0},
+    "rmfa-exp-bound-1.4": {"attention": "rmfa", "ppsbn_max_temperature": 1.4},
     "rmfa-exp-bound-2": {"attention": "rmfa", "ppsbn_max_temperature": 2.0},
     "rmfa-exp-paper-temperature": {"attention": "rmfa", "ppsbn_initial_temperature": 32**-0.5,
                                    "ppsbn_temperature_lr_scale": 1.0},

@@ -98,7 +98,6 @@ def ensure_experiment(uri: str, name: str) -> None:
 
 
 RUN_DIRECTORY_TAG = "run_directory"
-SYSTEM_METRICS_INTERVAL_S = 5
 
 
 def end_tracked_run(uri: str, experiment: str, run_directory: str, status: str) -> str | None:
@@ -128,10 +127,9 @@ class Tracker:
         self.mlflow = mlflow
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(experiment)
-        # System metrics (CPU, memory, disk, network; GPU with pynvml) every few seconds, quietly.
+        # System metrics (CPU, memory, disk, network; GPU with pynvml), quietly; MLflow's interval (10 s;
+        # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL) applies.
         logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
-        mlflow.set_system_metrics_samples_before_logging(1)
         if run_id:
             self.run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
         else:  # a sweep trial is a child of the sweep's parent run

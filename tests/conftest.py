@@ -32,16 +32,24 @@ def presbn_like(shape: tuple[int, ...], scale: float | None = None) -> torch.Ten
     return x / x.norm(dim=-1, keepdim=True) * (shape[-1] ** -0.25 if scale is None else scale)
 
 
-@pytest.fixture(scope="session")
-def local_ray():
-    """One local Ray for the session: 2 CPUs on 127.0.0.1, no auth token; stopped at the end."""
-    import os
+def init_session_ray() -> None:
+    """The tests' local Ray: 2 CPUs on 127.0.0.1, no auth token; its workers sample MLflow's system
+    metrics every second (short test runs end before the default 10 s)."""
+    import ray
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"],
+                                       "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}})
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray for the session (init_session_ray), stopped at the end."""
     import ray
 
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    init_session_ray()
     yield ray
     ray.shutdown()
 

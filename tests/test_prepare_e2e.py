@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import BIN
+from conftest import BIN, init_session_ray
 
 from launcher.cli import main
 from pipelines.errors import PipelineError
@@ -167,10 +167,7 @@ def test_unreachable_ray_address_fails_fast(tmp_path, capsys) -> None:
         message = _cli_error(capsys, "--input", "stdlib", "--stdlib-limit", "2", "--output", str(tmp_path / "o"),
                              "--ray-address", "127.0.0.1:1")
     finally:
-        import os
-
-        ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}})
+        init_session_ray()
     assert "cannot reach Ray at 127.0.0.1:1" in message and not (tmp_path / "o").exists()
 
 

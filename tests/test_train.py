@@ -227,10 +227,13 @@ def test_ray_job_submit_runs_training(tmp_path, lm_data, ray_head, capsys) -> No
 def test_sweep_makes_child_runs_and_compare_prints_them(tmp_path, lm_data, capsys) -> None:
     import yaml
 
-    base = _config(tmp_path, lm_data, max_steps=3, eval_every=3, checkpoint_every=3, experiment="sweep")
+    # One worker per trial, both trials at once (distributed training itself is tested above).
+    base = _config(tmp_path, lm_data, max_steps=3, eval_every=3, checkpoint_every=3, experiment="sweep",
+                   num_workers=1)
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base.to_dict()))
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(
-        {"name": "two", "base": str(tmp_path / "base.yaml"), "grid": {"model.num_features": [40, 80]}}))
+        {"name": "two", "base": str(tmp_path / "base.yaml"), "grid": {"model.num_features": [40, 80]},
+         "max_concurrent_trials": 2}))
     assert main(["sweep", "--grid", str(tmp_path / "grid.yaml")]) == 0
     client = mlflow.MlflowClient(tracking_uri=base.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
