@@ -111,6 +111,27 @@ def test_projections_are_stacked_in_one_matrix() -> None:
     torch.testing.assert_close(mapped(x)[:, index], by_hand)
 
 
+@pytest.mark.parametrize("settings", [
+    {}, {"constant_feature": True}, {"constant_feature": True, "linear_features": True}, {"max_degree": 3},
+    {"kernel": "inverse", "p": 3.0}, {"kernel": "sqrt", "p": 1.5},
+])
+def test_fast_features_and_gradients_equal_the_reference(settings: dict) -> None:
+    """The fused forward/backward against the plain construction (matmul with every row, products,
+    concatenation), in float64, including an all-zero input row (padding)."""
+    feature_map = RandomMaclaurinFeatures(DIM, 96, seed=3, **settings).double()
+    x = torch.randn(2, 3, 11, DIM, dtype=torch.float64) * 0.4
+    x[1, 0, 4] = 0
+    x.requires_grad_()
+    cotangent = torch.randn(2, 3, 11, 96, dtype=torch.float64)
+    fast, reference = feature_map(x), feature_map.reference_forward(x)
+    torch.testing.assert_close(fast, reference, atol=1e-12, rtol=1e-12)
+    (fast_grad,) = torch.autograd.grad((fast * cotangent).sum(), x)
+    (reference_grad,) = torch.autograd.grad((reference * cotangent).sum(), x)
+    torch.testing.assert_close(fast_grad, reference_grad, atol=1e-12, rtol=1e-10)
+    assert int(feature_map.degrees.max()) >= 3  # products of 3+ factors exercised, not only pairs
+    assert torch.autograd.gradcheck(feature_map, (x[:1, :1, :3].detach().clone().requires_grad_(),))
+
+
 def test_orthogonal_sampler_statistics() -> None:
     weights = get_sampler("orthogonal")(40, DIM, torch.Generator().manual_seed(0))
     block = weights[:DIM]
