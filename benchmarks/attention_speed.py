@@ -2,7 +2,8 @@
 
 Forward and forward+backward wall time and peak memory of one attention call, batch 1, 8 heads,
 head_dim 64, non-causal and causal, for: softmax attention through PyTorch SDPA (the baseline,
-reported as ratios), RMFA per kernel and D (preSBN'd q, k; a deterministic constant feature), RFA
+reported as ratios), RMFA per kernel and D (preSBN'd q, k; degrees 0 and 1 exact, as the model
+uses it; for the first kernel and the middle D also with the features built the plain way), RFA
 (trigrf x gaussian on l2-normalised q, k), our FAVOR+ (posrf x orthogonal), performer-pytorch's
 FAVOR+ at the same D when that package is installed, and, causal only, the cumulative-sum form of
 the Macformer/RFA reference code (a materialised [seq, D, d] tensor) against our chunked form.
@@ -61,6 +62,18 @@ def performer_attention(head_dim: int, num_features: int, causal: bool) -> Atten
     return lambda q, k, v: module(q, k, v)
 
 
+class PlainFeatures(torch.nn.Module):
+    """An RMFA map evaluated through its plain construction (`reference_forward`: a matmul with every
+    row, identity block included, products, concatenation; autograd's own backward)."""
+
+    def __init__(self, feature_map: RandomMaclaurinFeatures) -> None:
+        super().__init__()
+        self.feature_map = feature_map
+
+    def forward(self, x: torch.Tensor, is_query: bool = False) -> torch.Tensor:
+        return self.feature_map.reference_forward(x)
+
+
 def methods(kernels: list[str], dims: list[int], head_dim: int, heads: int, causal: bool,
             device: torch.device) -> dict[str, Attention]:
     """name -> attention(q, k, v) with its own scaling of q and k, all built once, on `device`."""
@@ -72,11 +85,15 @@ def methods(kernels: list[str], dims: list[int], head_dim: int, heads: int, caus
         feature_map = feature_map.to(device)
         return lambda q, k, v: feature_attention(prepare(q), prepare(k), v, feature_map, causal=causal)
 
+    middle = dims[len(dims) // 2]
     for kernel in kernels:
         for d in dims:
-            rmfa = RandomMaclaurinFeatures(head_dim, d, kernel, seed=0, constant_feature=True)
+            # The model's default: degrees 0 and 1 exact (degree 1 needs D > head_dim + 1).
+            rmfa = RandomMaclaurinFeatures(head_dim, d, kernel, seed=0, constant_feature=True,
+                                           linear_features=d > head_dim + 1)
             found[f"rmfa-{kernel}-D{d}"] = with_map(rmfa, pre_sbn)
-    middle = dims[len(dims) // 2]
+            if kernel == kernels[0] and d == middle:  # the same features built the plain way, for comparison
+                found[f"rmfa-{kernel}-D{d}-plain-features"] = with_map(PlainFeatures(rmfa), pre_sbn)
     found[f"rfa-D{middle}"] = with_map(SpectralFeatures(head_dim, middle, "trigrf", "gaussian", seed=0),
                                        lambda x: F.normalize(x, dim=-1))
     favor = SpectralFeatures(head_dim, middle, "posrf", "orthogonal", seed=0)
