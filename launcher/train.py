@@ -31,7 +31,8 @@ def check_ready(config: TrainConfig) -> TrainConfig:
             verify_shard(config.data, entry)
     for role, split in (("training", config.train_split), ("evaluation", config.eval_split)):
         # Every rank needs at least one full micro-batch of its share, the smallest being the last rank's.
-        share = len(ShardReader(config.data, config.num_workers - 1, config.num_workers, split=split, verify=False))
+        share = len(ShardReader(config.data, config.num_workers - 1, config.num_workers, split=split, verify=False,
+                                manifest=manifest))
         if share < config.micro_batch_size:
             raise ConfigError(f"the {role} data ({split or 'all'}) gives each of {config.num_workers} workers "
                               f"{share} samples, fewer than micro_batch_size={config.micro_batch_size}; use more "
@@ -88,10 +89,11 @@ def fit(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     from launcher.loopback import LoopbackTorchConfig
     from launcher.worker import train_worker
 
+    config = config.resolved()  # a sweep trial arrives as settings
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
-            "train": config.resolved(), "manifest": load_manifest(config.data), "git_commit": git_commit(),
+            "train": config, "manifest": load_manifest(config.data), "git_commit": git_commit(),
             # `macformer submit` names the job; otherwise the id of this Ray driver.
             "ray_job_id": os.environ.get(JOB_ID_ENV) or ray.get_runtime_context().get_job_id(),
         },
