@@ -13,6 +13,10 @@ import pytest
 import torch
 
 BIN = Path(sys.executable).parent  # the environment's console scripts (ray, mlflow, macformer)
+# Ray Train's controller polls its workers every 2 s; the tests' runs last seconds, and each would wait
+# up to a poll to start and to end (~3 s a run). Ray Train passes this on from the driver's environment,
+# as do the services and CLI processes the tests start (they copy it).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
 @pytest.fixture(autouse=True)
