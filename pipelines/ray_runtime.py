@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -40,22 +41,52 @@ def check_reachable(address: str, source: str = "--ray-address") -> None:
                             f"`ray start --head`, or {_without(source)} to run locally") from None
 
 
+# Ray's processes name their session directory on their command line (gcs_server's --log_dir, ...).
+SESSION_DIR = re.compile(r"(/[^\s=]*/session_[\w-]+)")
+
+
+def _track_descendants(root, tracked: dict, session_dirs: set[str], watchdog_pid: int) -> None:
+    import psutil
+
+    for child in root.children(recursive=True):
+        if child.pid != watchdog_pid and child.pid not in tracked:
+            tracked[child.pid] = child
+            with contextlib.suppress(psutil.Error):
+                session_dirs.update(SESSION_DIR.findall(" ".join(child.cmdline())))
+
+
+def _session_processes(session_dirs: set[str], watchdog_pid: int) -> dict:
+    """Processes holding a file of one of the sessions open: every Ray process logs into its session."""
+    import psutil
+
+    found = {}
+    prefixes = tuple(directory + "/" for directory in session_dirs)
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if process.pid != watchdog_pid and any(f.path.startswith(prefixes) for f in process.open_files()):
+                found[process.pid] = process
+    return found
+
+
 def _watch(driver_pid: int) -> None:
     """The watchdog's loop: track the driver's descendants while it lives; when it dies (even by
     SIGKILL, which runs no cleanup) terminate those still running, then exit."""
     import psutil
 
     tracked: dict[int, psutil.Process] = {}
+    session_dirs: set[str] = set()
     me = os.getpid()
     while True:
         try:
-            driver = psutil.Process(driver_pid)
-            for child in driver.children(recursive=True):
-                if child.pid != me:
-                    tracked.setdefault(child.pid, child)
+            _track_descendants(psutil.Process(driver_pid), tracked, session_dirs, me)
         except psutil.NoSuchProcess:
             break
         time.sleep(WATCH_INTERVAL_S)
+    # Ray's daemons die with the driver, but processes they started after the last look (raylet's
+    # agents) are orphaned by then: they are found by the session files they hold open.
+    if session_dirs:
+        for pid, process in _session_processes(session_dirs, me).items():
+            tracked.setdefault(pid, process)
     alive = [p for p in tracked.values() if p.is_running()]  # is_running also rules out a reused pid
     for process in alive:
         with contextlib.suppress(psutil.Error):
