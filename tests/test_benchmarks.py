@@ -105,17 +105,30 @@ def test_bench_command_dispatches_and_refuses_bad_sizes(capsys) -> None:
 
 
 @pytest.mark.slow
+def test_training_throughput_plans_every_kernel_at_the_longest_length_only(tmp_path) -> None:
+    from benchmarks import training
+
+    args = training.parse_args(["throughput", "--seq-lens", "32", "64", "--kernels", "inverse", "exp",
+                                "--output", str(tmp_path / "out")])
+    trials = training.throughput_trials(args, {32: tmp_path / "a", 64: tmp_path / "b"}, "plan")
+    assert [(t.model["attention"], t.model.get("kernel"), Path(t.data).name) for t in trials] == [
+        ("softmax", None, "a"), ("rmfa", "exp", "a"), ("softmax", None, "b"), ("rmfa", "exp", "b"),
+        ("rmfa", "inverse", "b")]
+    assert len({t.run_name for t in trials}) == len(trials)
+
+
 def test_training_throughput_runs_the_trainer_and_reports_ratios(tmp_path, local_ray) -> None:
     from benchmarks import training
 
+    # One length: which variants run at which length is tested above without training.
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert training.main(["throughput", "--seq-lens", "32", "64", "--kernels", "inverse", "--steps", "2",
+    assert training.main(["throughput", "--seq-lens", "32", "--kernels", "inverse", "--steps", "2",
                           "--d-model", "32", "--num-features", "40", "--stdlib-limit", "6", "--vocab-size", "600",
                           "--data-dir", str(tmp_path / "data"), "--output", str(tmp_path / "out"),
                           "--tracking-uri", uri]) == 0
     rows = _json(tmp_path / "out" / "training_throughput.json")["rows"]
     assert sorted((r["variant"], r["seq_len"]) for r in rows) == [
-        ("rmfa-exp", 32), ("rmfa-exp", 64), ("rmfa-inverse", 64), ("softmax", 32), ("softmax", 64)]  # as asked
+        ("rmfa-exp", 32), ("rmfa-inverse", 32), ("softmax", 32)]  # as asked
     for row in rows:
         assert row["tokens_per_s"] > 0 and row["peak_memory_mb"] > 0 and row["steps"] == 2
         base = next(b for b in rows if b["variant"] == "softmax" and b["seq_len"] == row["seq_len"])

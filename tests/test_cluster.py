@@ -1,6 +1,6 @@
 """The multi-node path in one machine: a Ray head and a second Ray node (two raylets) on 127.0.0.1,
 an MLflow tracking server as its own process (SQLite backend, proxied artifact store), and a
-2-worker DeepSpeed job submitted through the Jobs API that must run on both nodes, reading its
+2-worker DeepSpeed job submitted by `macformer submit` through the Jobs API that must run on both nodes, reading its
 dataset and writing its checkpoints through URIs (file://, the object-store code path)."""
 
 import os
@@ -89,11 +89,12 @@ def test_two_node_job_tracked_by_an_mlflow_server(tmp_path, two_node_cluster, ml
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(config))
     assert main(["submit", "--address", two_node_cluster, "--config", str(path)]) == 0
-    assert "SUCCEEDED" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "submitted Ray job" in out and "SUCCEEDED" in out
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     (run,) = client.search_runs([client.get_experiment_by_name("two-nodes").experiment_id])
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and run.data.tags["ray_job_id"].startswith("macformer-spread-")
     assert run.data.tags["ray_nodes"] == "2"  # the two workers ran on different raylets
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss")) == [1, 2, 3, 4]
     # Artifacts went through the server to its artifact store, not to a path on the workers.

@@ -210,20 +210,6 @@ def test_tracker_survives_a_failing_store(tmp_path, capsys) -> None:
     mlflow.end_run()
 
 
-def test_ray_job_submit_runs_training(tmp_path, lm_data, ray_head, capsys) -> None:
-    import yaml
-
-    config = _config(tmp_path, lm_data, max_steps=4, eval_every=4, checkpoint_every=4)
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(config.to_dict()))
-    assert main(["submit", "--address", ray_head, "--config", str(path)]) == 0
-    out = capsys.readouterr().out
-    assert "submitted Ray job" in out and "SUCCEEDED" in out
-    _, run = _run(config)
-    assert run.info.status == "FINISHED" and run.data.tags["ray_job_id"].startswith("macformer-run-")
-    assert sorted(_history(config, "train_loss")) == [1, 2, 3, 4]
-
-
 def test_sweep_makes_child_runs_and_compare_prints_them(tmp_path, lm_data, capsys) -> None:
     import yaml
 
