@@ -117,6 +117,7 @@ def test_training_throughput_plans_every_kernel_at_the_longest_length_only(tmp_p
     assert len({t.run_name for t in trials}) == len(trials)
 
 
+@pytest.mark.slow  # Ray Train workers
 def test_training_throughput_runs_the_trainer_and_reports_ratios(tmp_path, local_ray) -> None:
     from benchmarks import training
 

@@ -110,14 +110,14 @@ def causal_linear_attention(
     pad = num_chunks * chunk - length
 
     def chunked(x: torch.Tensor) -> torch.Tensor:  # [..., n, f] -> [..., num_chunks, chunk, f]
-        return F.pad(x, (0, 0, 0, pad)).reshape(*x.shape[:-2], num_chunks, chunk, x.shape[-1])
+        return (F.pad(x, (0, 0, 0, pad)) if pad else x).reshape(*x.shape[:-2], num_chunks, chunk, x.shape[-1])
 
     q_c, k_c, v_c = chunked(query_features), chunked(key_features), chunked(values)
     causal_mask = torch.ones(chunk, chunk, dtype=torch.bool, device=v.device).tril()
     if log_gate is None:
         out, key_sums, final = _ungated_chunks(q_c, k_c, v_c, state, causal_mask.to(q_c.dtype))
     else:  # padded tail positions get g = 1 (log 0): they neither decay nor add
-        log_g = F.pad(log_gate, (0, pad)).reshape(*log_gate.shape[:-1], num_chunks, chunk)
+        log_g = (F.pad(log_gate, (0, pad)) if pad else log_gate).reshape(*log_gate.shape[:-1], num_chunks, chunk)
         out, key_sums, final = _gated_chunks(q_c, k_c, v_c, log_g, state, causal_mask)
 
     def unchunked(x: torch.Tensor) -> torch.Tensor:

@@ -167,10 +167,29 @@ class RandomMaclaurinFeatures(FeatureMap):
         self._linear_scale = exact_scales[-1] if self.linear_features else None
 
     def forward(self, x: torch.Tensor, is_query: bool = False) -> torch.Tensor:
-        exact_rows = self.dim * int(self.linear_features)  # the identity block is never multiplied
-        first = int(self.constant_feature) + exact_rows  # first random feature
-        return _MaclaurinFeatures.apply(x, self.weights[exact_rows:].to(x.dtype), self.scales[first:].to(x.dtype),
-                                        self._random_groups, self._constant_scale, self._linear_scale)
+        return _MaclaurinFeatures.apply(x, self._random_rows().to(x.dtype), self._random_groups, self._constant_scale,
+                                        self._linear_scale)
+
+    def _random_rows(self) -> torch.Tensor:
+        """The random features' Rademacher rows for the fast path: each degree group's rows reordered
+        degree-major (factor j of every feature of the group is one contiguous block of columns, so
+        products and their gradients run over contiguous memory) and each feature's scale folded into
+        its first factor's row (no scaling pass). Degree-0 features (no rows) get one row of zeros
+        each, which the fast path never multiplies: it writes their scale (kept in the row's first
+        entry) as the feature. The identity block of exact degree-1 features is left out."""
+        start = self.dim * int(self.linear_features)
+        column = int(self.constant_feature) + start
+        blocks = []
+        for degree, count in self._random_groups:
+            scales = self.scales[column:column + count]
+            if degree == 0:
+                blocks.append(torch.nn.functional.pad(scales[:, None], (0, self.dim - 1)))
+            else:
+                rows = self.weights[start:start + degree * count].unflatten(0, (count, degree))
+                rows = torch.cat([rows[:, :1] * scales[:, None, None], rows[:, 1:]], dim=1)
+                blocks.append(rows.transpose(0, 1).reshape(degree * count, self.dim))
+            start, column = start + degree * count, column + count
+        return torch.cat(blocks)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The same features the plain way (one matmul with every row, identity block included, one
@@ -195,60 +214,84 @@ class RandomMaclaurinFeatures(FeatureMap):
         )
 
 
-def _others_product(factors: torch.Tensor) -> torch.Tensor:
-    """For [..., count, degree] factors, the product of all but factor i at position i (no division:
-    exact when a factor is 0)."""
-    if factors.shape[-1] == 2:
-        return factors.flip(-1)
-    ones = torch.ones_like(factors[..., :1])
-    before = torch.cat([ones, factors[..., :-1].cumprod(-1)], dim=-1)
-    after = torch.cat([factors[..., 1:].flip(-1).cumprod(-1).flip(-1), ones], dim=-1)
-    return before * after
+def _write_products(factors: torch.Tensor, out: torch.Tensor) -> None:
+    """out = prod_j factors[..., j, :] for degree-major factors [..., degree, count], degree >= 1."""
+    if factors.shape[-2] == 1:
+        out.copy_(factors[..., 0, :])
+        return
+    torch.mul(factors[..., 0, :], factors[..., 1, :], out=out)
+    for j in range(2, factors.shape[-2]):
+        out.mul_(factors[..., j, :])
+
+
+def _write_product_gradient(factors: torch.Tensor, incoming: torch.Tensor, target: torch.Tensor) -> None:
+    """target[..., j, :] = incoming * prod_{i != j} factors[..., i, :] (degree-major, as above): the
+    product before j from the left, then the product after j from the right (no division: exact
+    where a factor is 0)."""
+    degree = factors.shape[-2]
+    before = incoming
+    for j in range(degree):
+        if j + 1 < degree:
+            target[..., j, :].copy_(before)
+            before = before * factors[..., j, :]
+        else:
+            target[..., j, :].copy_(before)
+    after = None
+    for j in range(degree - 1, 0, -1):
+        after = factors[..., j, :] if after is None else after * factors[..., j, :]
+        target[..., j - 1, :].mul_(after)
 
 
 class _MaclaurinFeatures(torch.autograd.Function):
-    """phi(x) = [sqrt(a_0), sqrt(a_1) x, s_j prod_i (w_ji . x)] written into one preallocated output:
-    one matmul with the random rows only, each degree group's products straight into their columns,
-    no concatenation. The backward computes every group's gradient into one buffer of the size of
-    the projections (every column written once, no zero fill) and recomputes the projections from x
-    instead of storing them (x is d wide, the projections ~2.5 D)."""
+    """phi(x) = [sqrt(a_0), sqrt(a_1) x, prod_j (w'_ji . x)] written into one preallocated output,
+    with w' the degree-major, scale-folded rows of `RandomMaclaurinFeatures._random_rows`: one
+    matmul, each degree group's products straight into their columns over contiguous blocks, no
+    concatenation and no scaling pass. The backward writes every group's gradient into one buffer
+    of the size of the projections (every column once, no zero fill) and recomputes the projections
+    from x instead of storing them (x is d wide, the projections ~2.5 D)."""
 
     @staticmethod
-    def forward(ctx, x, weights, scales, groups, constant, linear):
-        projections = x @ weights.T
+    def forward(ctx, x, rows, groups, constant, linear):
+        projections = x @ rows.T
         exact = int(constant is not None) + (x.shape[-1] if linear is not None else 0)
-        out = x.new_empty(*x.shape[:-1], exact + scales.numel())
+        out = x.new_empty(*x.shape[:-1], exact + sum(count for _, count in groups))
         if constant is not None:
             out[..., 0] = constant
         if linear is not None:
             torch.mul(x, linear, out=out[..., int(constant is not None):exact])
         start, column = 0, exact
         for degree, count in groups:
-            stop = start + degree * count
-            torch.prod(projections[..., start:stop].unflatten(-1, (count, degree)), dim=-1,
-                       out=out[..., column:column + count])
-            start, column = stop, column + count
-        out[..., exact:] *= scales
-        ctx.save_for_backward(x, weights, scales)
+            if degree == 0:  # the scales sit in the first entry of these rows
+                out[..., column:column + count] = rows[start:start + count, 0]
+                start += count
+            else:
+                _write_products(projections[..., start:start + degree * count].unflatten(-1, (degree, count)),
+                                out[..., column:column + count])
+                start += degree * count
+            column += count
+        ctx.save_for_backward(x, rows)
         ctx.groups, ctx.exact, ctx.constant, ctx.linear = groups, exact, constant, linear
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weights, scales = ctx.saved_tensors
-        projections = x @ weights.T
-        scaled = grad_out[..., ctx.exact:] * scales
+        x, rows = ctx.saved_tensors
+        projections = x @ rows.T
         grad_projections = torch.empty_like(projections)
-        start, column = 0, 0
+        start, column = 0, ctx.exact
         for degree, count in ctx.groups:
-            stop = start + degree * count
-            factors = projections[..., start:stop].unflatten(-1, (count, degree))
-            target = grad_projections[..., start:stop].unflatten(-1, (count, degree))
-            incoming = scaled[..., column:column + count, None]
-            target.copy_(incoming if degree == 1 else incoming * _others_product(factors))
-            start, column = stop, column + count
-        grad_x = grad_projections @ weights
+            if degree == 0:  # constant features: no gradient; their rows' columns get none either
+                grad_projections[..., start:start + count] = 0
+                start += count
+            else:
+                stop = start + degree * count
+                _write_product_gradient(projections[..., start:stop].unflatten(-1, (degree, count)),
+                                        grad_out[..., column:column + count],
+                                        grad_projections[..., start:stop].unflatten(-1, (degree, count)))
+                start = stop
+            column += count
+        grad_x = grad_projections @ rows
         if ctx.linear is not None:
             first = int(ctx.constant is not None)
             grad_x += grad_out[..., first:ctx.exact] * ctx.linear
-        return grad_x, None, None, None, None, None
+        return grad_x, None, None, None, None
