@@ -104,7 +104,6 @@ def test_bench_command_dispatches_and_refuses_bad_sizes(capsys) -> None:
     assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_training_throughput_plans_every_kernel_at_the_longest_length_only(tmp_path) -> None:
     from benchmarks import training
 
@@ -117,7 +116,7 @@ def test_training_throughput_plans_every_kernel_at_the_longest_length_only(tmp_p
     assert len({t.run_name for t in trials}) == len(trials)
 
 
-@pytest.mark.slow  # Ray Train workers
+@pytest.mark.slow
 def test_training_throughput_runs_the_trainer_and_reports_ratios(tmp_path, local_ray) -> None:
     from benchmarks import training
 
