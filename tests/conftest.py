@@ -17,6 +17,10 @@ BIN = Path(sys.executable).parent  # the environment's console scripts (ray, mlf
 # up to a poll to start and to end (~3 s a run). Ray Train passes this on from the driver's environment,
 # as do the services and CLI processes the tests start (they copy it).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Without a GPU, Triton's interpreter runs the CUDA kernels on the CPU (read when a kernel is defined,
+# so before macformer.attention.triton_chunked is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -8,6 +8,7 @@ in fp32 with autocast off, whatever the input dtype.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
@@ -18,6 +19,11 @@ from macformer.errors import MacformerError, check_positive_int
 from macformer.features.base import FeatureMap
 
 DEFAULT_CHUNK_SIZE = 64
+
+
+def _use_triton(features: torch.Tensor) -> bool:
+    """The Triton kernels (triton_chunked.py) on CUDA where Triton is installed; PyTorch elsewhere."""
+    return features.is_cuda and importlib.util.find_spec("triton") is not None
 
 
 def _with_ones(v: torch.Tensor) -> torch.Tensor:
@@ -105,6 +111,16 @@ def causal_linear_attention(
     check_positive_int("chunk_size", chunk_size)
     *lead, length, _ = query_features.shape
     values = _with_ones(v)
+    if log_gate is None and _use_triton(query_features):
+        from macformer.attention.triton_chunked import block_size, chunked_causal_products
+
+        out, final = chunked_causal_products(query_features, key_features, values, state,
+                                             block_size(min(chunk_size, length)))
+        with torch.no_grad():  # z_t, for the stabiliser's floor only
+            key_sums = key_features.cumsum(-2)
+            if state is not None:
+                key_sums += state[..., -1].unsqueeze(-2)
+        return _finish(out, query_features, key_sums, eps), final
     chunk = min(chunk_size, length)
     num_chunks = math.ceil(length / chunk)
     pad = num_chunks * chunk - length

@@ -1,0 +1,135 @@
+"""The Triton kernels of the causal chunked form against PyTorch references: outputs and gradients.
+
+Without a GPU, conftest sets TRITON_INTERPRET=1 and Triton's interpreter runs the kernels on the CPU
+with exact fp32 arithmetic; on a CUDA machine the same tests run the compiled kernels."""
+
+import pytest
+import torch
+from conftest import presbn_like
+
+from macformer import MacformerConfig, MacformerForCausalLM
+from macformer.attention import causal_feature_attention, linear
+from macformer.attention.triton_chunked import chunked_causal_products
+from macformer.features import RandomMaclaurinFeatures
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _explicit(q, k, v, initial):
+    """O = tril(Q K^T) V + Q S_0 and S_n = S_0 + K^T V with the whole score matrix."""
+    out = (q @ k.transpose(-1, -2)).tril() @ v
+    final = k.transpose(-1, -2) @ v
+    if initial is not None:
+        out, final = out + q @ initial, final + initial
+    return out, final
+
+
+def _on_device(tensors) -> list[torch.Tensor | None]:
+    return [x.to(DEVICE) if x is not None else None for x in tensors]
+
+
+def _outputs_and_gradients(function, inputs, cotangents):
+    inputs = [x.clone().requires_grad_() if x is not None else None for x in inputs]
+    out, final = function(*inputs)
+    used = [x for x in inputs if x is not None]
+    loss = (out * cotangents[0]).sum() + (final * cotangents[1]).sum()
+    return [out, final, *torch.autograd.grad(loss, used)]
+
+
+@pytest.mark.parametrize(("length", "dim", "values", "chunk", "with_state"), [
+    (64, 16, 16, 16, False),  # whole chunks, power-of-two sizes
+    (40, 20, 9, 16, True),  # a partial last chunk, D and V that are not powers of two
+    (33, 24, 5, 32, True),  # one chunk plus one token
+    (7, 16, 3, 16, False),  # shorter than a chunk
+])
+def test_kernels_equal_the_explicit_products(length: int, dim: int, values: int, chunk: int, with_state: bool) -> None:
+    generator = torch.Generator().manual_seed(length)
+    q, k = (torch.randn(2, 3, length, dim, generator=generator) for _ in range(2))
+    v = torch.randn(2, 3, length, values, generator=generator)
+    initial = torch.randn(2, 3, dim, values, generator=generator) if with_state else None
+    cotangents = (torch.randn(2, 3, length, values, generator=generator),
+                  torch.randn(2, 3, dim, values, generator=generator))
+    inputs, cotangents = _on_device([q, k, v, initial]), _on_device(cotangents)
+    kernel = _outputs_and_gradients(lambda *x: chunked_causal_products(*x, chunk), inputs, cotangents)
+    explicit = _outputs_and_gradients(_explicit, inputs, cotangents)
+    assert len(kernel) == len(explicit) == 5 + with_state  # out, final, dq, dk, dv (, d initial)
+    for name, got, want in zip(["out", "final", "dq", "dk", "dv", "d initial"], kernel, explicit, strict=False):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_the_kernels_follow_the_final_state_gradient_only_where_given() -> None:
+    """A loss on the output alone (training) gives the same gradients as one with a zero final-state term."""
+    q, k = torch.randn(1, 2, 20, 16), torch.randn(1, 2, 20, 16)
+    v = torch.randn(1, 2, 20, 4)
+    inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, _ = chunked_causal_products(*inputs, None, 16)
+    alone = torch.autograd.grad(out.sum(), inputs)
+    explicit = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, _ = _explicit(*explicit, None)
+    for got, want in zip(alone, torch.autograd.grad(out.sum(), explicit), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def _route_to_triton(monkeypatch) -> list[int]:
+    """The model's dispatch as on CUDA (the Triton path whatever the device); returns a list that
+    counts the kernel calls, so a test sees that the path it compares was taken."""
+    from macformer.attention import triton_chunked
+
+    calls = []
+    kernel = triton_chunked.chunked_causal_products
+
+    def counted(*args):
+        calls.append(1)
+        return kernel(*args)
+
+    monkeypatch.setattr(triton_chunked, "chunked_causal_products", counted)
+    monkeypatch.setattr(linear, "_use_triton", lambda features: True)
+    return calls
+
+
+def _attention_gradients(q, k, v, feature_map, state=None, eps=1e-2):
+    inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, new_state = causal_feature_attention(*inputs, feature_map, state=state, chunk_size=16, eps=eps)
+    return [out, new_state, *torch.autograd.grad((out * out.detach().sign()).sum(), inputs)]
+
+
+@pytest.mark.parametrize("eps", [1e-2, 0.9])  # 0.9: the stabiliser's floor acts on most rows
+def test_attention_on_the_triton_path_equals_the_pytorch_path(monkeypatch, eps: float) -> None:
+    """Features, stabiliser and state hand-over (prefill, then a continuation) as the model uses them."""
+    feature_map = RandomMaclaurinFeatures(16, 48, "exp", seed=0, constant_feature=True, linear_features=True)
+    q, k = presbn_like((2, 2, 37, 16)), presbn_like((2, 2, 37, 16))
+    v = torch.randn(2, 2, 37, 8)
+
+    def whole_and_continued() -> list[torch.Tensor]:
+        prefix = causal_feature_attention(q[:, :, :20], k[:, :, :20], v[:, :, :20], feature_map, eps=eps)[1]
+        return (_attention_gradients(q, k, v, feature_map, eps=eps)
+                + _attention_gradients(q[:, :, 20:], k[:, :, 20:], v[:, :, 20:], feature_map, prefix, eps))
+
+    pytorch = whole_and_continued()
+    calls = _route_to_triton(monkeypatch)
+    triton = whole_and_continued()
+    assert len(calls) == 3
+    for got, want in zip(triton, pytorch, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_a_model_trains_the_same_on_both_paths(monkeypatch) -> None:
+    config = MacformerConfig(vocab_size=50, d_model=32, num_layers=2, num_heads=2, d_ff=64, num_features=40,
+                             max_seq_len=64, causal=True)
+    tokens = torch.randint(0, 50, (2, 40), generator=torch.Generator().manual_seed(1))
+
+    def loss_and_gradients() -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = MacformerForCausalLM(config)
+        loss = model(tokens, labels=tokens).loss
+        return [loss, *torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)]
+
+    pytorch = loss_and_gradients()
+    calls = _route_to_triton(monkeypatch)
+    triton = loss_and_gradients()
+    assert len(calls) == config.num_layers
+    for got, want in zip(triton, pytorch, strict=True):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
