@@ -33,6 +33,7 @@ from benchmarks.common import (
     write_results,
 )
 from macformer.attention import feature_attention, softmax_attention
+from macformer.attention.linear import DEFAULT_CHUNK_SIZE
 from macformer.features import FeatureMap, RandomMaclaurinFeatures, SpectralFeatures
 from macformer.kernels import KERNELS
 from macformer.ppsbn import PreSBN
@@ -74,12 +75,70 @@ class PlainFeatures(torch.nn.Module):
         return self.feature_map.reference_forward(x)
 
 
+class AuthorsEstimatorFeatures(torch.nn.Module):
+    """The Macformer authors' construction of the same estimator, reimplemented from its description
+    (Guo et al. 2024; their code's Maclaurin + PolynomialSketch classes): per sampled degree n a
+    polynomial sketch of n independent Rademacher projections x W_j^T whose elementwise product,
+    times sqrt(a_n / P(n) / D_rand), gives that degree's features; the degree groups, the constant
+    sqrt(a_0) and the linear sqrt(a_1) x are concatenated; autograd's backward. It takes the draws of
+    an RMFA map (same degrees, vectors and scales), so both compute the same features."""
+
+    def __init__(self, feature_map: RandomMaclaurinFeatures) -> None:
+        super().__init__()
+        self.constant, self.linear = feature_map._constant_scale, feature_map._linear_scale
+        start = feature_map.dim * int(feature_map.linear_features)
+        column = int(feature_map.constant_feature) + start
+        self.groups = []
+        for degree, count in feature_map._random_groups:
+            rows = feature_map.weights[start:start + degree * count].unflatten(0, (count, degree))
+            projections = [rows[:, j].T.contiguous() for j in range(degree)]  # one [d, count] matrix per factor
+            self.groups.append((projections, feature_map.scales[column:column + count].clone()))
+            start, column = start + degree * count, column + count
+
+    def _apply(self, fn, recurse: bool = True):
+        self.groups = [([fn(w) for w in projections], fn(scales)) for projections, scales in self.groups]
+        return super()._apply(fn, recurse)
+
+    def forward(self, x: torch.Tensor, is_query: bool = False) -> torch.Tensor:
+        pieces = []
+        for projections, scales in self.groups:
+            if not projections:  # sampled degree 0: the constant, importance-weighted
+                pieces.append(scales.expand(*x.shape[:-1], -1))
+                continue
+            sketch = x @ projections[0]
+            for weights in projections[1:]:
+                sketch = sketch * (x @ weights)
+            pieces.append(sketch * scales)
+        exact = [x.new_full((*x.shape[:-1], 1), self.constant)] if self.constant is not None else []
+        if self.linear is not None:
+            exact.append(x * self.linear)
+        return torch.cat([*exact, *pieces], dim=-1)
+
+
+def forward_flops(name: str, seq_len: int, causal: bool, heads: int, head_dim: int, random_rows: dict[str, int],
+                  chunk_size: int = DEFAULT_CHUNK_SIZE) -> float:
+    """Multiply-adds x 2 of one forward call's matrix products (elementwise work left out): softmax
+    4 n^2 d h (halved when causal); a feature attention 2 n d R h per input for its map onto R rows
+    (q and k), then 4 n D (d + 1) h for phi(Q) (phi(K)^T V') and, causal, the chunks' 2 n C (D + d + 1) h."""
+    if name == "softmax" or name.startswith("performer"):
+        return 4 * seq_len**2 * head_dim * heads / (2 if causal else 1) if name == "softmax" else math.nan
+    features = int(name.split("-D")[1].split("-")[0])
+    values = head_dim + 1
+    flops = 2 * 2 * seq_len * head_dim * random_rows.get(name, features) * heads
+    flops += 4 * seq_len * features * values * heads
+    if causal:
+        flops += 2 * seq_len * min(chunk_size, seq_len) * (features + values) * heads
+    return flops
+
+
 def methods(kernels: list[str], dims: list[int], head_dim: int, heads: int, causal: bool,
-            device: torch.device) -> dict[str, Attention]:
-    """name -> attention(q, k, v) with its own scaling of q and k, all built once, on `device`."""
+            device: torch.device) -> tuple[dict[str, Attention], dict[str, int]]:
+    """(name -> attention(q, k, v) with its own scaling of q and k, all built once, on `device`;
+    name -> rows its feature map multiplies, for the FLOP count)."""
     pre_sbn = PreSBN(heads, max_temperature=2.0, initial_temperature=1.0, learnable=False).to(device)
     scale = head_dim**-0.25
     found: dict[str, Attention] = {"softmax": lambda q, k, v: softmax_attention(q, k, v, causal)}
+    random_rows: dict[str, int] = {}
 
     def with_map(feature_map: FeatureMap, prepare: Callable[[torch.Tensor], torch.Tensor]) -> Attention:
         feature_map = feature_map.to(device)
@@ -92,8 +151,12 @@ def methods(kernels: list[str], dims: list[int], head_dim: int, heads: int, caus
             rmfa = RandomMaclaurinFeatures(head_dim, d, kernel, seed=0, constant_feature=True,
                                            linear_features=d > head_dim + 1)
             found[f"rmfa-{kernel}-D{d}"] = with_map(rmfa, pre_sbn)
-            if kernel == kernels[0] and d == middle:  # the same features built the plain way, for comparison
+            random_rows[f"rmfa-{kernel}-D{d}"] = rmfa.weights.shape[0] - head_dim * int(rmfa.linear_features)
+            if kernel == kernels[0] and d == middle:  # the same features built two other ways, for comparison
                 found[f"rmfa-{kernel}-D{d}-plain-features"] = with_map(PlainFeatures(rmfa), pre_sbn)
+                random_rows[f"rmfa-{kernel}-D{d}-plain-features"] = rmfa.weights.shape[0]  # identity block too
+                found[f"rmfa-{kernel}-D{d}-authors-estimator"] = with_map(AuthorsEstimatorFeatures(rmfa), pre_sbn)
+                random_rows[f"rmfa-{kernel}-D{d}-authors-estimator"] = random_rows[f"rmfa-{kernel}-D{d}"]
     found[f"rfa-D{middle}"] = with_map(SpectralFeatures(head_dim, middle, "trigrf", "gaussian", seed=0),
                                        lambda x: F.normalize(x, dim=-1))
     favor = SpectralFeatures(head_dim, middle, "posrf", "orthogonal", seed=0)
@@ -105,7 +168,7 @@ def methods(kernels: list[str], dims: list[int], head_dim: int, heads: int, caus
         favor_on_device = favor.to(device)
         found[f"cumsum-favor-D{middle}"] = lambda q, k, v: cumsum_causal_attention(q * scale, k * scale, v,
                                                                                   favor_on_device)
-    return found
+    return found, random_rows
 
 
 def measure_one(attention: Attention, seq_len: int, heads: int, head_dim: int, backward: bool,
@@ -133,7 +196,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
     rows = []
     for causal in (False, True):
-        table = methods(args.kernels, args.dims, args.head_dim, args.heads, causal, device)
+        table, random_rows = methods(args.kernels, args.dims, args.head_dim, args.heads, causal, device)
         for backward in (False, True):
             for seq_len in args.seq_lens:
                 for name, attention in table.items():
@@ -145,8 +208,10 @@ def measure(args: argparse.Namespace) -> list[dict]:
                     except (RuntimeError, MemoryError) as error:  # out of memory: report, go on
                         print(f"{name} at {seq_len}: {str(error).splitlines()[0][:100]}", file=sys.stderr)
                         seconds, peak = math.nan, math.nan
+                    flops = (math.nan if name.startswith("cumsum") else
+                             forward_flops(name, seq_len, causal, args.heads, args.head_dim, random_rows))
                     rows.append({"method": name, "causal": causal, "pass": "fwd+bwd" if backward else "fwd",
-                                 "seq_len": seq_len, "seconds": seconds, "peak_mib": peak})
+                                 "seq_len": seq_len, "seconds": seconds, "peak_mib": peak, "forward_flops": flops})
                     print(f"{'causal' if causal else 'full'} {rows[-1]['pass']} {name} n={seq_len}: "
                           f"{seconds * 1e3:.1f} ms, {peak:.1f} MiB", flush=True)
     add_ratios(rows)
@@ -154,12 +219,18 @@ def measure(args: argparse.Namespace) -> list[dict]:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """speedup = softmax time / method time, memory_ratio = softmax peak / method peak (same cell)."""
+    """speedup = softmax time / method time, memory_ratio = softmax peak / method peak (same cell);
+    flop_speedup = softmax FLOPs / method FLOPs (the speedup the arithmetic allows) and
+    flop_efficiency = speedup / flop_speedup (1: as efficient per FLOP as SDPA)."""
     baseline = {(r["causal"], r["pass"], r["seq_len"]): r for r in rows if r["method"] == "softmax"}
     for row in rows:
         base = baseline.get((row["causal"], row["pass"], row["seq_len"]))
         row["speedup_vs_softmax"] = base["seconds"] / row["seconds"] if base and row["seconds"] > 0 else None
         row["memory_ratio_vs_softmax"] = base["peak_mib"] / row["peak_mib"] if base and row["peak_mib"] > 0 else None
+        allowed = base["forward_flops"] / row["forward_flops"] if base and row["forward_flops"] > 0 else None
+        row["flop_speedup"] = allowed
+        row["flop_efficiency"] = (row["speedup_vs_softmax"] / allowed
+                                  if allowed and row["speedup_vs_softmax"] is not None else None)
 
 
 def targets(rows: list[dict], seq_lens: list[int]) -> dict[str, float]:
@@ -263,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rows = measure(args)
     columns = ["method", "causal", "pass", "seq_len", "seconds", "peak_mib", "speedup_vs_softmax",
-               "memory_ratio_vs_softmax"]
+               "flop_speedup", "flop_efficiency", "memory_ratio_vs_softmax"]
     print(format_table(rows, columns))
     summary = targets(rows, args.seq_lens)
     for key, value in summary.items():

@@ -32,11 +32,14 @@ from pipelines.sources import stdlib_files
 VARIANTS: dict[str, dict] = {
     "softmax": {"attention": "softmax"},
     "kernel-exp": {"attention": "kernel"},
+    "kernel-exp-bound-0.7": {"attention": "kernel", "ppsbn_max_temperature": 0.7},
     "kernel-inverse": {"attention": "kernel", "kernel": "inverse"},
     "rmfa-exp": {"attention": "rmfa"},
     "rmfa-exp-bound-1": {"attention": "rmfa", "ppsbn_max_temperature": 1.0},
     "rmfa-exp-bound-1.4": {"attention": "rmfa", "ppsbn_max_temperature": 1.4},
     "rmfa-exp-bound-2": {"attention": "rmfa", "ppsbn_max_temperature": 2.0},
+    "rmfa-exp-redraw-1": {"attention": "rmfa", "feature_redraw_interval": 1},
+    "rmfa-exp-D512": {"attention": "rmfa", "num_features": 512},
     "rmfa-exp-paper-temperature": {"attention": "rmfa", "ppsbn_initial_temperature": 32**-0.5,
                                    "ppsbn_temperature_lr_scale": 1.0},
     "rmfa-inverse": {"attention": "rmfa", "kernel": "inverse"},
@@ -102,7 +105,7 @@ def train_variant(task: str, variant: str, seed: int, data: tuple[dict, dict, di
                   ) -> dict:
     train, valid, settings = data
     torch.manual_seed(seed)
-    config = MacformerConfig(**MODEL, **settings, **VARIANTS[variant], seed=seed)
+    config = MacformerConfig(**{**MODEL, **settings, **VARIANTS[variant]}, seed=seed)
     model_class = MacformerForSequenceClassification if task == "listops" else MacformerForCausalLM
     model = model_class(config)
     trunk = model.trunk

@@ -55,8 +55,30 @@ def test_attention_speed_at_a_tiny_size(tmp_path) -> None:
         assert row["speedup_vs_softmax"] == pytest.approx(base["seconds"] / row["seconds"])
     assert not any(r["method"].startswith("cumsum") and not r["causal"] for r in result["rows"])
     assert "chunked_vs_cumsum_speed_128" in result["summary"]
+    assert "rmfa-exp-D128-authors-estimator" in methods  # the authors' construction, at the middle D
+    for row in result["rows"]:
+        if row["method"] == "softmax":  # 4 n^2 d h multiply-add FLOPs, half of them causal
+            assert row["forward_flops"] == 4 * row["seq_len"] ** 2 * 16 * 2 / (2 if row["causal"] else 1)
+            assert row["flop_speedup"] == 1
+        if not row["method"].startswith("cumsum"):
+            assert row["flop_efficiency"] == pytest.approx(row["speedup_vs_softmax"] / row["flop_speedup"])
+    # The authors' construction multiplies the same rows as ours: the same FLOPs, whatever the time.
+    same = {r["method"]: r["forward_flops"] for r in result["rows"] if r["seq_len"] == 128 and r["pass"] == "fwd"
+            and not r["causal"]}
+    assert same["rmfa-exp-D128-authors-estimator"] == same["rmfa-exp-D128"] < same["rmfa-exp-D128-plain-features"]
     for name in ("attention_seconds.png", "attention_peak_mib.png", "rmfa_speedup_heatmap.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_the_authors_construction_computes_our_features() -> None:
+    from macformer.features import RandomMaclaurinFeatures
+
+    rmfa = RandomMaclaurinFeatures(16, 64, "exp", seed=3, constant_feature=True, linear_features=True)
+    x = torch.randn(2, 3, 10, 16) * 0.3
+    torch.testing.assert_close(attention_speed.AuthorsEstimatorFeatures(rmfa)(x), rmfa(x), atol=1e-6, rtol=1e-5)
+    without_exact = RandomMaclaurinFeatures(16, 24, "inverse", seed=3)  # degree 0 sampled, no linear block
+    torch.testing.assert_close(attention_speed.AuthorsEstimatorFeatures(without_exact)(x), without_exact(x),
+                               atol=1e-6, rtol=1e-5)
 
 
 def test_approximation_error_at_a_tiny_size_logs_to_mlflow(tmp_path) -> None:

@@ -49,7 +49,7 @@ class FeatureMap(nn.Module):
         raise NotImplementedError
 
     def _buffers_changed(self) -> None:
-        """Hook for maps that cache Python-side structure derived from their buffers."""
+        """Hook for maps that cache structure derived from their buffers (after a draw, a load or a move)."""
 
     @torch.no_grad()
     def redraw(self) -> None:
@@ -84,6 +84,7 @@ class FeatureMap(nn.Module):
             moved = self._buffers[name]
             if moved.dtype != original.dtype:
                 self._buffers[name] = original.to(device=moved.device)
+        self._buffers_changed()
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -157,6 +157,7 @@ class RandomMaclaurinFeatures(FeatureMap):
         self._buffers_changed()
 
     def _buffers_changed(self) -> None:
+        self._rows_cache = None
         values, counts = torch.unique_consecutive(self.degrees.cpu(), return_counts=True)
         self._degree_groups = list(zip(values.tolist(), counts.tolist(), strict=True))
         # For the fast path, kept on the host (no device sync per call): the sampled groups and the
@@ -171,6 +172,13 @@ class RandomMaclaurinFeatures(FeatureMap):
                                         self._linear_scale)
 
     def _random_rows(self) -> torch.Tensor:
+        """`_build_random_rows()`, built once per draw, load or move (decoding calls the map per token)."""
+        version = (self.weights._version, self.scales._version)
+        if self._rows_cache is None or self._rows_cache[0] != version:
+            self._rows_cache = (version, self._build_random_rows())
+        return self._rows_cache[1]
+
+    def _build_random_rows(self) -> torch.Tensor:
         """The random features' Rademacher rows for the fast path: each degree group's rows reordered
         degree-major (factor j of every feature of the group is one contiguous block of columns, so
         products and their gradients run over contiguous memory) and each feature's scale folded into
