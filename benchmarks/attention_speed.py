@@ -85,7 +85,7 @@ class AuthorsEstimatorFeatures(torch.nn.Module):
 
     def __init__(self, feature_map: RandomMaclaurinFeatures) -> None:
         super().__init__()
-        self.constant, self.linear = feature_map._constant_scale, feature_map._linear_scale
+        _, self.constant, self.linear = feature_map._fast_path()
         start = feature_map.dim * int(feature_map.linear_features)
         column = int(feature_map.constant_feature) + start
         self.groups = []

@@ -132,6 +132,29 @@ def test_fast_features_and_gradients_equal_the_reference(settings: dict) -> None
     assert torch.autograd.gradcheck(feature_map, (x[:1, :1, :3].detach().clone().requires_grad_(),))
 
 
+def test_the_fast_path_follows_redraws_loads_moves_and_in_place_edits() -> None:
+    """Its rows are built once per draw: every way the draws can change rebuilds them."""
+    feature_map = RandomMaclaurinFeatures(DIM, 64, seed=3, constant_feature=True, linear_features=True)
+    x = torch.randn(5, DIM) * 0.4
+
+    def check() -> None:
+        torch.testing.assert_close(feature_map(x), feature_map.reference_forward(x), atol=1e-6, rtol=1e-5)
+
+    first = feature_map(x)
+    feature_map.redraw()
+    check()
+    assert not torch.allclose(feature_map(x), first)
+    feature_map.load_state_dict(RandomMaclaurinFeatures(DIM, 64, seed=4, constant_feature=True,
+                                                        linear_features=True).state_dict())
+    check()
+    with torch.no_grad():
+        feature_map.weights[DIM:].neg_()  # the random rows (the first DIM are the exact identity block)
+        feature_map.scales.mul_(2)
+    check()
+    feature_map.double()
+    torch.testing.assert_close(feature_map(x.double()), feature_map.reference_forward(x.double()))
+
+
 def test_orthogonal_sampler_statistics() -> None:
     weights = get_sampler("orthogonal")(40, DIM, torch.Generator().manual_seed(0))
     block = weights[:DIM]

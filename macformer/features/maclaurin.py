@@ -157,26 +157,26 @@ class RandomMaclaurinFeatures(FeatureMap):
         self._buffers_changed()
 
     def _buffers_changed(self) -> None:
-        self._rows_cache = None
+        self._fast_path_cache = None
         values, counts = torch.unique_consecutive(self.degrees.cpu(), return_counts=True)
         self._degree_groups = list(zip(values.tolist(), counts.tolist(), strict=True))
-        # For the fast path, kept on the host (no device sync per call): the sampled groups and the
-        # exact terms' scales sqrt(a_0), sqrt(a_1).
         self._random_groups = [(d, c) for d, c in self._degree_groups if d >= self.exact_degrees]
-        exact_scales = self.scales[: int(self.constant_feature) + self.dim * int(self.linear_features)].tolist()
-        self._constant_scale = exact_scales[0] if self.constant_feature else None
-        self._linear_scale = exact_scales[-1] if self.linear_features else None
 
     def forward(self, x: torch.Tensor, is_query: bool = False) -> torch.Tensor:
-        return _MaclaurinFeatures.apply(x, self._random_rows().to(x.dtype), self._random_groups, self._constant_scale,
-                                        self._linear_scale)
+        rows, constant, linear = self._fast_path()
+        return _MaclaurinFeatures.apply(x, rows.to(x.dtype), self._random_groups, constant, linear)
 
-    def _random_rows(self) -> torch.Tensor:
-        """`_build_random_rows()`, built once per draw, load or move (decoding calls the map per token)."""
+    def _fast_path(self) -> tuple[torch.Tensor, float | None, float | None]:
+        """(`_build_random_rows()`, sqrt(a_0) or None, sqrt(a_1) or None), built once per draw, load,
+        move or in-place edit of the buffers (decoding calls the map once per token); the scales are
+        kept on the host so that a call does not wait for the device."""
         version = (self.weights._version, self.scales._version)
-        if self._rows_cache is None or self._rows_cache[0] != version:
-            self._rows_cache = (version, self._build_random_rows())
-        return self._rows_cache[1]
+        if self._fast_path_cache is None or self._fast_path_cache[0] != version:
+            exact_scales = self.scales[: int(self.constant_feature) + self.dim * int(self.linear_features)].tolist()
+            self._fast_path_cache = (version, (self._build_random_rows(),
+                                               exact_scales[0] if self.constant_feature else None,
+                                               exact_scales[-1] if self.linear_features else None))
+        return self._fast_path_cache[1]
 
     def _build_random_rows(self) -> torch.Tensor:
         """The random features' Rademacher rows for the fast path: each degree group's rows reordered
@@ -252,7 +252,7 @@ def _write_product_gradient(factors: torch.Tensor, incoming: torch.Tensor, targe
 
 class _MaclaurinFeatures(torch.autograd.Function):
     """phi(x) = [sqrt(a_0), sqrt(a_1) x, prod_j (w'_ji . x)] written into one preallocated output,
-    with w' the degree-major, scale-folded rows of `RandomMaclaurinFeatures._random_rows`: one
+    with w' the degree-major, scale-folded rows of `RandomMaclaurinFeatures._build_random_rows`: one
     matmul, each degree group's products straight into their columns over contiguous blocks, no
     concatenation and no scaling pass. The backward writes every group's gradient into one buffer
     of the size of the projections (every column once, no zero fill) and recomputes the projections
