@@ -85,7 +85,7 @@ class AuthorsEstimatorFeatures(torch.nn.Module):
 
     def __init__(self, feature_map: RandomMaclaurinFeatures) -> None:
         super().__init__()
-        _, self.constant, self.linear = feature_map._fast_path()
+        _, _, self.constant, self.linear = feature_map._fast_path()
         start = feature_map.dim * int(feature_map.linear_features)
         column = int(feature_map.constant_feature) + start
         self.groups = []

@@ -15,6 +15,8 @@ __all__ = ["RandomMaclaurinFeatures", "degree_distribution", "worst_pair_relativ
 
 # Terms of the variance series summed before it is declared convergent or divergent.
 VARIANCE_TERMS = 400
+# Inputs of at most this many rows (decoding: batch x heads) take the fast path's gather form.
+FEW_ROWS = 256
 
 
 def degree_distribution(p: float, min_degree: int, max_degree: int | None) -> tuple[float, float]:
@@ -163,20 +165,35 @@ class RandomMaclaurinFeatures(FeatureMap):
         self._random_groups = [(d, c) for d, c in self._degree_groups if d >= self.exact_degrees]
 
     def forward(self, x: torch.Tensor, is_query: bool = False) -> torch.Tensor:
-        rows, constant, linear = self._fast_path()
-        return _MaclaurinFeatures.apply(x, rows.to(x.dtype), self._random_groups, constant, linear)
+        rows, factor_index, constant, linear = self._fast_path()
+        return _MaclaurinFeatures.apply(x, rows.to(x.dtype), factor_index, self._random_groups, constant, linear)
 
-    def _fast_path(self) -> tuple[torch.Tensor, float | None, float | None]:
-        """(`_build_random_rows()`, sqrt(a_0) or None, sqrt(a_1) or None), built once per draw, load,
-        move or in-place edit of the buffers (decoding calls the map once per token); the scales are
-        kept on the host so that a call does not wait for the device."""
+    def _fast_path(self) -> tuple[torch.Tensor, torch.Tensor, float | None, float | None]:
+        """(`_build_random_rows()`, `_factor_index()`, sqrt(a_0) or None, sqrt(a_1) or None), built
+        once per draw, load, move or in-place edit of the buffers (decoding calls the map once per
+        token); the scales are kept on the host so that a call does not wait for the device."""
         version = (self.weights._version, self.scales._version)
         if self._fast_path_cache is None or self._fast_path_cache[0] != version:
             exact_scales = self.scales[: int(self.constant_feature) + self.dim * int(self.linear_features)].tolist()
-            self._fast_path_cache = (version, (self._build_random_rows(),
+            self._fast_path_cache = (version, (self._build_random_rows(), self._factor_index(),
                                                exact_scales[0] if self.constant_feature else None,
                                                exact_scales[-1] if self.linear_features else None))
         return self._fast_path_cache[1]
+
+    def _factor_index(self) -> torch.Tensor:
+        """[max degree, random features]: the column of `_build_random_rows()` holding factor j of
+        each random feature, or one past the last row (a column of ones) where the feature has fewer
+        factors; the fast path's few-rows form gathers all factors with it at once."""
+        ones = sum(max(degree, 1) * count for degree, count in self._random_groups)  # degree 0: one row each
+        most = max(max(degree for degree, _ in self._random_groups), 1)
+        columns, start = [], 0
+        for degree, count in self._random_groups:
+            block = torch.full((most, count), ones, dtype=torch.int64)
+            for j in range(degree):
+                block[j] = torch.arange(start + j * count, start + (j + 1) * count)
+            columns.append(block)
+            start += max(degree, 1) * count
+        return torch.cat(columns, dim=1).to(self.weights.device)
 
     def _build_random_rows(self) -> torch.Tensor:
         """The random features' Rademacher rows for the fast path: each degree group's rows reordered
@@ -259,7 +276,7 @@ class _MaclaurinFeatures(torch.autograd.Function):
     from x instead of storing them (x is d wide, the projections ~2.5 D)."""
 
     @staticmethod
-    def forward(ctx, x, rows, groups, constant, linear):
+    def forward(ctx, x, rows, factor_index, groups, constant, linear):
         projections = x @ rows.T
         exact = int(constant is not None) + (x.shape[-1] if linear is not None else 0)
         out = x.new_empty(*x.shape[:-1], exact + sum(count for _, count in groups))
@@ -267,16 +284,23 @@ class _MaclaurinFeatures(torch.autograd.Function):
             out[..., 0] = constant
         if linear is not None:
             torch.mul(x, linear, out=out[..., int(constant is not None):exact])
-        start, column = 0, exact
-        for degree, count in groups:
-            if degree == 0:  # the scales sit in the first entry of these rows
-                out[..., column:column + count] = rows[start:start + count, 0]
-                start += count
-            else:
-                _write_products(projections[..., start:start + degree * count].unflatten(-1, (degree, count)),
-                                out[..., column:column + count])
-                start += degree * count
-            column += count
+        if x.shape[:-1].numel() <= FEW_ROWS:  # decoding: a handful of ops instead of a loop over degree groups
+            padded = torch.cat([projections, projections.new_ones(*projections.shape[:-1], 1)], dim=-1)
+            factors = padded.index_select(-1, factor_index.flatten()).unflatten(-1, factor_index.shape)
+            torch.prod(factors, dim=-2, out=out[..., exact:])
+            if groups[0][0] == 0:  # sampled degree 0 comes first; the scales sit in its rows' first entry
+                out[..., exact:exact + groups[0][1]] = rows[:groups[0][1], 0]
+        else:
+            start, column = 0, exact
+            for degree, count in groups:
+                if degree == 0:  # the scales sit in the first entry of these rows
+                    out[..., column:column + count] = rows[start:start + count, 0]
+                    start += count
+                else:
+                    _write_products(projections[..., start:start + degree * count].unflatten(-1, (degree, count)),
+                                    out[..., column:column + count])
+                    start += degree * count
+                column += count
         ctx.save_for_backward(x, rows)
         ctx.groups, ctx.exact, ctx.constant, ctx.linear = groups, exact, constant, linear
         return out
@@ -302,4 +326,4 @@ class _MaclaurinFeatures(torch.autograd.Function):
         if ctx.linear is not None:
             first = int(ctx.constant is not None)
             grad_x += grad_out[..., first:ctx.exact] * ctx.linear
-        return grad_x, None, None, None, None
+        return grad_x, None, None, None, None, None
