@@ -4,7 +4,7 @@ The same computation as `linear._ungated_chunks`, one program per (batch, head) 
 with the running state S [D, d_v'] kept on chip (never materialised per chunk in memory):
 
     forward:   O_c = tril(Q_c K_c^T) V_c + Q_c S_c,               S_{c+1} = S_c + K_c^T V_c
-    backward:  dQ_c = tril(dO_c V_c^T) K_c + dO_c S_c^T           (a forward sweep, S recomputed)
+    backward:  dQ_c = tril(dO_c V_c^T) K_c + dO_c S_c^T           (the forward kernel on dO, V, K)
                dK_c = triu(V_c dO_c^T) Q_c + V_c G_c^T,
                dV_c = triu(K_c Q_c^T) dO_c + K_c G_c,             G_{c-1} = G_c + Q_c^T dO_c
                (a reverse sweep; G starts at the final state's gradient and ends as the initial
@@ -62,31 +62,6 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, initial_ptr, out_ptr, final_ptr, n, D, 
         _store_rows(out_ptr, rows, n, v_cols, V, out)
         state += tl.dot(tl.trans(k), v, input_precision="ieee")
     tl.store(final_ptr + state_ptrs, state, mask=state_mask)
-
-
-@triton.jit
-def _grad_query_kernel(k_ptr, v_ptr, initial_ptr, grad_out_ptr, grad_q_ptr, n, D, V,
-                       HAS_INITIAL: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_V: tl.constexpr):
-    head = tl.program_id(0)
-    k_ptr, grad_q_ptr = k_ptr + head * n * D, grad_q_ptr + head * n * D
-    v_ptr, grad_out_ptr = v_ptr + head * n * V, grad_out_ptr + head * n * V
-    d_cols, v_cols, offsets = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_V), tl.arange(0, CHUNK)
-    causal = offsets[:, None] >= offsets[None, :]
-    state_ptrs, state_mask = _state_pointers(head * D * V, d_cols, v_cols, D, V)
-    state = tl.zeros([BLOCK_D, BLOCK_V], dtype=tl.float32)
-    if HAS_INITIAL:
-        state = tl.load(initial_ptr + state_ptrs, mask=state_mask, other=0.0)
-    for start in range(0, n, CHUNK):
-        rows = start + offsets
-        k = _load_rows(k_ptr, rows, n, d_cols, D)
-        v = _load_rows(v_ptr, rows, n, v_cols, V)
-        grad_out = _load_rows(grad_out_ptr, rows, n, v_cols, V)
-        grad_scores = tl.where(causal, tl.dot(grad_out, tl.trans(v), input_precision="ieee"), 0.0)
-        grad_q = tl.dot(grad_scores, k, input_precision="ieee") + tl.dot(grad_out, tl.trans(state),
-                                                                         input_precision="ieee")
-        _store_rows(grad_q_ptr, rows, n, d_cols, D, grad_q)
-        state += tl.dot(tl.trans(k), v, input_precision="ieee")
 
 
 @triton.jit
@@ -152,8 +127,14 @@ class _ChunkedLinearAttention(torch.autograd.Function):
         grad_out = (torch.zeros_like(v) if grad_out is None else grad_out.reshape(heads, n, V).contiguous())
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         grad_initial = q.new_empty(heads, D, V)
-        _grad_query_kernel[(heads,)](k, v, initial if initial is not None else grad_initial, grad_out, grad_q,
-                                     n, D, V, HAS_INITIAL=initial is not None, **ctx.blocks)
+        # dQ is the forward pass of (dO, V, K) from the transposed initial state: the same kernel with D
+        # and V swapped (its final state is not needed).
+        transposed = q.new_empty(heads, V, D)
+        if initial is not None:
+            transposed.copy_(initial.transpose(-1, -2))
+        _forward_kernel[(heads,)](grad_out, v, k, transposed, grad_q, transposed, n, V, D,
+                                  HAS_INITIAL=initial is not None, CHUNK=ctx.blocks["CHUNK"],
+                                  BLOCK_D=ctx.blocks["BLOCK_V"], BLOCK_V=ctx.blocks["BLOCK_D"])
         has_grad_final = grad_final is not None
         grad_final = grad_final.reshape(heads, D, V).contiguous() if has_grad_final else grad_initial
         _grad_key_value_kernel[(heads,)](q, k, v, grad_out, grad_final, grad_k, grad_v, grad_initial, n, D, V,
