@@ -286,8 +286,7 @@ class _MaclaurinFeatures(torch.autograd.Function):
             torch.mul(x, linear, out=out[..., int(constant is not None):exact])
         if x.shape[:-1].numel() <= FEW_ROWS:  # decoding: a handful of ops instead of a loop over degree groups
             padded = torch.cat([projections, projections.new_ones(*projections.shape[:-1], 1)], dim=-1)
-            factors = padded.index_select(-1, factor_index.flatten()).unflatten(-1, factor_index.shape)
-            torch.prod(factors, dim=-2, out=out[..., exact:])
+            torch.prod(padded[..., factor_index], dim=-2, out=out[..., exact:])  # [..., degree, feature]
             if groups[0][0] == 0:  # sampled degree 0 comes first; the scales sit in its rows' first entry
                 out[..., exact:exact + groups[0][1]] = rows[:groups[0][1], 0]
         else:
