@@ -8,14 +8,12 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-# torch is pinned and installed first: an unpinned resolve pulls a multi-GB build. --no-compile: Python
-# compiles the modules a program imports when it first imports them, not all of torch, Ray and MLflow
-# at install (about 30 s less here).
+# torch is pinned and installed first: an unpinned resolve pulls a multi-GB build.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --no-compile torch==2.13.0
-	$(BIN)/python -m pip install --quiet --no-compile -e '.[dev]'
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 # The whole path on one machine: tokenize the stdlib corpus with Ray Data, train a small RMFA LM with
