@@ -74,6 +74,30 @@ def _weights_only_loading(directory: Path) -> Iterator[None]:
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
+def check_run_checkpoints(filesystem, run_directory: str) -> None:
+    """Refuse, on the driver and before any worker starts, a run whose checkpoints name a pickled
+    global this trainer never saves (read statically: nothing in them runs). The workers' weights-only
+    loading stays the guarantee; this makes the refusal one line that costs no worker start."""
+    import pyarrow.fs as pafs
+
+    selector = pafs.FileSelector(run_directory, recursive=True, allow_not_found=True)
+    files = sorted(info.path for info in filesystem.get_file_info(selector)
+                   if info.type == pafs.FileType.File and info.path.endswith(".pt")
+                   and "/checkpoint_" in info.path[len(run_directory):])
+    with torch.serialization.safe_globals(_deepspeed_checkpoint_types()):
+        for path in files:
+            with filesystem.open_input_file(path) as opened:
+                try:
+                    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(opened)
+                except (ValueError, RuntimeError) as error:
+                    raise CheckpointError(f"checkpoint file {path} is not a torch checkpoint ({error}); restore "
+                                          "the run directory from a trusted copy or start a new run_name") from None
+            if unsafe:
+                raise CheckpointError(f"checkpoint file {path} holds a pickled {sorted(unsafe)[0]}, which this "
+                                      "trainer never saves; refusing to load it (unpickling could run code): "
+                                      "restore the checkpoint from a trusted copy or start a new run_name")
+
+
 def _rng_states() -> dict[str, Any]:
     state, keys, position, has_gauss, gauss = np.random.get_state()
     return {"torch": torch.get_rng_state(),

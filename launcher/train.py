@@ -46,7 +46,8 @@ def check_ready(config: TrainConfig) -> TrainConfig:
 
 def check_run_directory(config: TrainConfig, resume: bool, sweep: str | None = None) -> None:
     """A run directory is continued only on request: a new run never silently resumes an old one
-    (sweep trials never resume: the fix is another sweep name)."""
+    (sweep trials never resume: the fix is another sweep name), and only if its checkpoints hold
+    nothing this trainer never saves."""
     filesystem, root = storage.resolve(config.storage_path)
     exists = storage.exists(filesystem, storage.join(root, config.run_name))
     if exists and sweep is not None:
@@ -58,6 +59,10 @@ def check_run_directory(config: TrainConfig, resume: bool, sweep: str | None = N
     if resume and not exists:
         raise ConfigError(f"nothing to resume: no run {config.run_name!r} in {config.storage_path}; check run_name "
                           "and storage_path")
+    if resume:
+        from launcher.checkpoint import check_run_checkpoints
+
+        check_run_checkpoints(filesystem, storage.join(root, config.run_name))
 
 
 def check_resources(config: TrainConfig) -> None:

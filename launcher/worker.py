@@ -237,12 +237,25 @@ def _train_step(engine, iterator, config: TrainConfig, world_size: int, schedule
     }
 
 
+def _skip_shared_memory_all_reduce() -> None:
+    """DeepSpeed's CPU backend compiles its shared-memory all-reduce op (30-90 s on a machine's first
+    run, and again for every new environment path) when it wraps the process group; only
+    `inference_all_reduce` (tensor-parallel inference) uses it, training's collectives go through gloo.
+    Marking the op incompatible, which DeepSpeed's op registry keeps for the whole process, skips the
+    build."""
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 def train_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point. loop_config: {"train": TrainConfig with its model resolved, "manifest":
     the dataset's, "git_commit": ..., "ray_job_id": ...}."""
     config: TrainConfig = loop_config["train"]
     if not config.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        _skip_shared_memory_all_reduce()
     # Warnings and errors only from libraries' loggers (Ray Train logs a ~300-character line per
     # checkpoint report through the root logger); progress is this function's own print.
     logging.getLogger().setLevel(logging.WARNING)

@@ -16,6 +16,7 @@ import torch
 from conftest import (
     BIN,
     ListenerSampler,
+    RunsCode,
     free_port,
     is_loopback,
     listening_addresses,
@@ -237,16 +238,6 @@ def test_sweep_makes_child_runs_and_compare_prints_them(tmp_path, lm_data, capsy
     assert (tmp_path / "plots" / "quality_vs_features.png").stat().st_size > 0
 
 
-class _RunsCode:
-    """A pickled object whose loading runs a shell command (what a crafted checkpoint would carry)."""
-
-    def __init__(self, marker) -> None:
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def _train_process(config_path, *args: str) -> subprocess.Popen:
     """`macformer train` in its own process group, as a user's terminal runs it."""
     return subprocess.Popen([str(BIN / "macformer"), "train", "--config", str(config_path), *args],
@@ -286,7 +277,7 @@ def test_interrupt_marks_the_run_killed_and_resume_logs_every_step_once(tmp_path
     # A checkpoint that would run code when unpickled is refused before anything in it executes.
     marker = tmp_path / "pwned"
     for states in (tmp_path / "runs" / "run").glob("checkpoint_*/engine/mp_rank_00_model_states.pt"):
-        torch.save({"module": _RunsCode(marker)}, states)
+        torch.save({"module": RunsCode(marker)}, states)
     capsys.readouterr()
     assert main(["train", "--config", str(path), "--resume"]) == 2
     error = capsys.readouterr().err
