@@ -1,7 +1,8 @@
 """The multi-node path in one machine: a Ray head and a second Ray node (two raylets) on 127.0.0.1,
 an MLflow tracking server as its own process (SQLite backend, proxied artifact store), and a
 2-worker DeepSpeed job submitted by `macformer submit` through the Jobs API that must run on both nodes, reading its
-dataset and writing its checkpoints through URIs (file://, the object-store code path)."""
+dataset and writing its checkpoints through URIs (file://, the object-store code path), and learning ListOps
+classification with ZeRO-1 (ZeRO-2 with bf16 on the causal LM is tested in test_train.py)."""
 
 import os
 import shutil
@@ -77,13 +78,14 @@ def mlflow_server(tmp_path):
 def test_two_node_job_tracked_by_an_mlflow_server(tmp_path, two_node_cluster, mlflow_server, capsys) -> None:
     data = tmp_path / "listops"
     spec = ListOpsSpec(min_length=10, max_length=60, max_depth=4)
-    lra.write_task(lra.listops_task(128, 32, 0, seed=0, spec=spec), data, {"test": True}, log=lambda m: None)
+    lra.write_task(lra.listops_task(256, 32, 0, seed=0, spec=spec), data, {"test": True}, log=lambda m: None)
     config = {
         "data": data.as_uri(), "task": "classification", "train_split": "train", "eval_split": "valid",
-        "model": {"attention": "rmfa", "num_features": 48, "d_model": 32, "num_layers": 1, "num_heads": 2,
+        "model": {"attention": "rmfa", "num_features": 48, "d_model": 32, "num_layers": 2, "num_heads": 2,
                   "d_ff": 64},
-        "num_workers": 2, "micro_batch_size": 4, "max_steps": 4, "precision": "bf16", "zero_stage": 2,
-        "eval_every": 4, "eval_batches": 1, "checkpoint_every": 4, "storage_path": (tmp_path / "runs").as_uri(),
+        "num_workers": 2, "micro_batch_size": 8, "max_steps": 16, "learning_rate": 3e-3, "warmup_steps": 2,
+        "precision": "bf16", "zero_stage": 1, "eval_every": 8, "eval_batches": 2, "checkpoint_every": 16,
+        "storage_path": (tmp_path / "runs").as_uri(),
         "tracking_uri": mlflow_server, "experiment": "two-nodes", "run_name": "spread",
     }
     path = tmp_path / "job.yaml"
@@ -96,7 +98,10 @@ def test_two_node_job_tracked_by_an_mlflow_server(tmp_path, two_node_cluster, ml
     (run,) = client.search_runs([client.get_experiment_by_name("two-nodes").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["ray_job_id"].startswith("macformer-spread-")
     assert run.data.tags["ray_nodes"] == "2"  # the two workers ran on different raylets
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss")) == [1, 2, 3, 4]
+    losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train_loss"), key=lambda m: m.step)]
+    assert len(losses) == 16 and sum(losses[-4:]) / 4 < sum(losses[:4]) / 4  # it learns
+    accuracy = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval_accuracy")}
+    assert set(accuracy) == {8, 16} and all(0 <= a <= 1 for a in accuracy.values())
     # Artifacts went through the server to its artifact store, not to a path on the workers.
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config"}

@@ -28,9 +28,7 @@ from launcher.cli import main
 from launcher.config import ConfigError, TrainConfig
 from launcher.train import train
 from macformer import MacformerForCausalLM
-from pipelines import lra
 from pipelines.errors import PipelineError
-from pipelines.listops import ListOpsSpec
 from pipelines.prepare import PrepareConfig, prepare
 
 pytestmark = pytest.mark.slow
@@ -44,14 +42,6 @@ def lm_data(tmp_path_factory, local_ray):
     output = tmp_path_factory.mktemp("lm") / "stdlib"
     prepare(PrepareConfig(inputs=("stdlib",), output=str(output), seq_len=64, vocab_size=400,
                           tokenizer_sample_mb=0.3, stdlib_limit=12), log=lambda message: None)
-    return output
-
-
-@pytest.fixture(scope="module")
-def listops_data(tmp_path_factory):
-    output = tmp_path_factory.mktemp("listops") / "listops"
-    spec = ListOpsSpec(min_length=10, max_length=60, max_depth=4)
-    lra.write_task(lra.listops_task(256, 32, 32, seed=0, spec=spec), output, {"test": True}, log=lambda m: None)
     return output
 
 
@@ -122,16 +112,6 @@ def test_lm_trains_with_zero2_bf16_and_is_tracked(tmp_path, lm_data, capsys) -> 
                                                                                   "plots/loss.png"]
     assert {a.path for a in client.list_artifacts(run.info.run_id, "config")} == {
         "config/train.json", "config/model.json", "config/deepspeed.json"}
-
-
-def test_listops_classification_learns(tmp_path, listops_data) -> None:
-    config = _config(tmp_path, listops_data, task="classification", train_split="train", eval_split="valid",
-                     max_steps=16, eval_every=8, checkpoint_every=16, micro_batch_size=8, zero_stage=1)
-    train(config)
-    losses = list(_history(config, "train_loss").values())
-    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
-    accuracy = _history(config, "eval_accuracy")
-    assert set(accuracy) == {8, 16} and all(0 <= a <= 1 for a in accuracy.values())
 
 
 def _kill_a_worker_after(config: TrainConfig, step: int, done: threading.Event) -> None:
