@@ -5,7 +5,7 @@ import torch
 from conftest import unit_rows
 
 from macformer.features import SAMPLERS, RandomMaclaurinFeatures, SpectralFeatures, get_sampler
-from macformer.features.maclaurin import FEW_ROWS
+from macformer.features.maclaurin import FEW_ROWS, ROWS_PER_BLOCK
 from macformer.features.samplers import hadamard
 from macformer.kernels import get_kernel
 
@@ -131,8 +131,15 @@ def test_fast_features_and_gradients_equal_the_reference(settings: dict) -> None
     torch.testing.assert_close(fast_grad, reference_grad, atol=1e-12, rtol=1e-10)
     assert int(feature_map.degrees.max()) >= 3  # products of 3+ factors exercised, not only pairs
     assert torch.autograd.gradcheck(feature_map, (x[:1, :1, :3].detach().clone().requires_grad_(),))
-    many = torch.randn(FEW_ROWS + 1, DIM, dtype=torch.float64) * 0.4  # the per-group form (above: the gather form)
-    torch.testing.assert_close(feature_map(many), feature_map.reference_forward(many), atol=1e-12, rtol=1e-12)
+    assert FEW_ROWS >= 2 * 3 * 11  # above: the gather form
+    # The per-group form over row blocks: two full blocks and a partial one.
+    many = (torch.randn(2 * ROWS_PER_BLOCK + 3, DIM, dtype=torch.float64) * 0.4).requires_grad_()
+    fast, reference = feature_map(many), feature_map.reference_forward(many)
+    torch.testing.assert_close(fast, reference, atol=1e-12, rtol=1e-12)
+    cotangent = torch.randn_like(fast)
+    (fast_grad,) = torch.autograd.grad((fast * cotangent).sum(), many)
+    (reference_grad,) = torch.autograd.grad((reference * cotangent).sum(), many)
+    torch.testing.assert_close(fast_grad, reference_grad, atol=1e-12, rtol=1e-10)
 
 
 def test_the_fast_path_follows_redraws_loads_moves_and_in_place_edits() -> None:
