@@ -11,6 +11,7 @@ from macformer.attention import (
     causal_linear_attention,
     feature_attention,
     kernel_attention,
+    linear,
     naive_feature_attention,
     recurrent_step,
     softmax_attention,
@@ -94,6 +95,30 @@ def test_noncausal_matches_naive(name: str) -> None:
     feature_map = MAPS[name]()
     fast = feature_attention(q, k, v, feature_map, causal=False, key_padding_mask=padding)
     torch.testing.assert_close(fast, _reference(q, k, v, feature_map, False, padding), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(MAPS))
+@pytest.mark.parametrize(("causal", "gated", "chunk_size"), [(False, False, 64), (True, False, 5), (True, True, 4)])
+def test_blockwise_evaluation_without_autograd_matches_naive(monkeypatch, name, causal, gated, chunk_size) -> None:
+    """Without autograd the features are computed a block of tokens at a time (here blocks of 12, or the
+    chunks that fit in them, over 45 tokens: several blocks and a partial one) with the state carried."""
+    monkeypatch.setattr(linear, "NO_GRAD_BLOCK", 12)
+    q, k, v = _qkv(45)
+    padding = _padding(45)
+    gate = torch.sigmoid(torch.randn(B, H, 45)) if gated else None
+    feature_map = MAPS[name]()
+    expected = _reference(q, k, v, feature_map, causal, padding, gate)
+    with torch.no_grad():
+        if causal:
+            out, state = causal_feature_attention(q, k, v, feature_map, key_padding_mask=padding, gate=gate,
+                                                  chunk_size=chunk_size)
+            keep = (~padding)[:, None, :, None]
+            whole = causal_linear_attention(feature_map(q, is_query=True), feature_map(k) * keep, v * keep,
+                                            chunk_size=chunk_size, log_gate=linear.log_gate_of(gate, padding))[1]
+            torch.testing.assert_close(state, whole, atol=1e-5, rtol=1e-5)  # the state carried across blocks
+        else:
+            out = feature_attention(q, k, v, feature_map, key_padding_mask=padding)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("gated", [False, True])

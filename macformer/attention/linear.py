@@ -19,6 +19,9 @@ from macformer.errors import MacformerError, check_positive_int
 from macformer.features.base import FeatureMap
 
 DEFAULT_CHUNK_SIZE = 64
+# Tokens per block when attention runs without autograd (inference, evaluation, prompt prefill): the
+# features of one block at a time, never of the whole sequence, so peak memory does not grow with n.
+NO_GRAD_BLOCK = 2048
 
 
 def _use_triton(features: torch.Tensor) -> bool:
@@ -36,13 +39,22 @@ def _finish(numerator_and_denominator: torch.Tensor, query_features: torch.Tenso
     return stabilised_ratio(numerator, denominator, query_features, key_sums, eps)
 
 
+def _key_state(key_features: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """S' = phi(K)^T [V, 1]: [..., D, dv + 1]."""
+    return key_features.transpose(-1, -2) @ _with_ones(v)
+
+
+def _read_state(query_features: torch.Tensor, state: torch.Tensor, eps: float) -> torch.Tensor:
+    """phi(Q) S / phi(Q) z for one state S' shared by every query."""
+    return _finish(query_features @ state, query_features, state[..., -1].unsqueeze(-2), eps)
+
+
 def noncausal_linear_attention(
     query_features: torch.Tensor, key_features: torch.Tensor, v: torch.Tensor, *, eps: float = DENOMINATOR_EPS
 ) -> torch.Tensor:
     """out = phi(Q) S / phi(Q) z with S = phi(K)^T V: O(n D d_v) time, O(D d_v) state per head.
     Padding keys must already have zero feature rows."""
-    state = key_features.transpose(-1, -2) @ _with_ones(v)  # [..., D, dv + 1]
-    return _finish(query_features @ state, query_features, state[..., -1].unsqueeze(-2), eps)
+    return _read_state(query_features, _key_state(key_features, v), eps)
 
 
 def _ungated_chunks(
@@ -153,7 +165,7 @@ def recurrent_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoding step with an O(D d_v) state per head: features [..., 1, D], v [..., 1, dv],
     log_gate [..., 1]. S'_t = g_t S'_{t-1} + (1 - g_t) phi(k_t) v'_t^T (g = 1, weight 1 ungated)."""
-    update = key_features.transpose(-1, -2) @ _with_ones(v)  # [..., D, dv + 1]
+    update = _key_state(key_features, v)
     if state is None:
         state = torch.zeros_like(update)
     if log_gate is None:
@@ -161,22 +173,30 @@ def recurrent_step(
     else:
         gate = log_gate.exp()[..., None]
         state = gate * state + (1 - gate) * update
-    return _finish(query_features @ state, query_features, state[..., -1].unsqueeze(-2), eps), state
+    return _read_state(query_features, state, eps), state
 
 
-def _features_and_values(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: FeatureMap,
-    key_padding_mask: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp32 phi(q), phi(k), v with padding rows of phi(k) and v zeroed (call with autocast off)."""
-    query_features = feature_map(q.float(), is_query=True)
-    key_features = feature_map(k.float())
-    values = v.float()
-    keep = key_keep(key_padding_mask, k)
+def _key_features_and_values(
+    k: torch.Tensor, v: torch.Tensor, feature_map: FeatureMap, keep: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 phi(k) and v with the rows of padding keys zeroed (keep: [batch, 1, seq_k, 1] or None)."""
+    key_features, values = feature_map(k.float()), v.float()
     if keep is not None:
-        keep = keep.transpose(-1, -2).float()  # [batch, 1, seq_k, 1]
         key_features, values = key_features * keep, values * keep
-    return query_features, key_features, values
+    return key_features, values
+
+
+def _keep_rows(key_padding_mask: torch.Tensor | None, k: torch.Tensor) -> torch.Tensor | None:
+    keep = key_keep(key_padding_mask, k)
+    return None if keep is None else keep.transpose(-1, -2).float()  # [batch, 1, seq_k, 1]
+
+
+def _blocks(length: int, block: int) -> list[slice]:
+    return [slice(start, min(start + block, length)) for start in range(0, length, block)]
+
+
+def _needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _check_gate(gate: torch.Tensor | None, q: torch.Tensor) -> None:
@@ -204,19 +224,32 @@ def causal_feature_attention(
     """
     check_qkv(q, k, v)
     _check_gate(gate, q)
+    check_positive_int("chunk_size", chunk_size)
     if q.shape[2] != k.shape[2]:
         raise MacformerError(
             f"causal feature attention needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
     with torch.autocast(device_type=q.device.type, enabled=False):
-        query_features, key_features, values = _features_and_values(q, k, v, feature_map, key_padding_mask)
+        keep = _keep_rows(key_padding_mask, k)
         log_gate = log_gate_of(gate, key_padding_mask)
         if state is not None and q.shape[2] == 1:
-            out, state = recurrent_step(query_features, key_features, values, state=state, log_gate=log_gate,
-                                        eps=eps)
-        else:
-            out, state = causal_linear_attention(query_features, key_features, values, log_gate=log_gate,
-                                                 chunk_size=chunk_size, state=state, eps=eps)
-    return out.to(v.dtype), state
+            key_features, values = _key_features_and_values(k, v, feature_map, keep)
+            out, state = recurrent_step(feature_map(q.float(), is_query=True), key_features, values, state=state,
+                                        log_gate=log_gate, eps=eps)
+            return out.to(v.dtype), state
+        # With autograd the whole sequence at once (the backward needs every block's features);
+        # without, block by block, carrying the state (chunks stay aligned: the block is a multiple of them).
+        block = q.shape[2] if _needs_autograd(q, k, v, gate) else (
+            max(NO_GRAD_BLOCK // chunk_size, 1) * chunk_size)
+        outs = []
+        for rows in _blocks(q.shape[2], block):
+            key_features, values = _key_features_and_values(k[:, :, rows], v[:, :, rows], feature_map,
+                                                            None if keep is None else keep[:, :, rows])
+            out, state = causal_linear_attention(
+                feature_map(q[:, :, rows].float(), is_query=True), key_features, values,
+                log_gate=None if log_gate is None else log_gate[..., rows], chunk_size=chunk_size, state=state,
+                eps=eps)
+            outs.append(out.to(v.dtype))
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)), state
 
 
 def feature_attention(
@@ -245,6 +278,15 @@ def feature_attention(
     if gate is not None:
         raise MacformerError("the RFA gate is a recency decay and needs causal=True")
     with torch.autocast(device_type=q.device.type, enabled=False):
-        query_features, key_features, values = _features_and_values(q, k, v, feature_map, key_padding_mask)
-        out = noncausal_linear_attention(query_features, key_features, values, eps=eps)
-    return out.to(v.dtype)
+        keep = _keep_rows(key_padding_mask, k)
+        if _needs_autograd(q, k, v):
+            key_features, values = _key_features_and_values(k, v, feature_map, keep)
+            return noncausal_linear_attention(feature_map(q.float(), is_query=True), key_features, values,
+                                              eps=eps).to(v.dtype)
+        # Without autograd: the state from the keys block by block, then the queries block by block.
+        state = sum(_key_state(*_key_features_and_values(k[:, :, rows], v[:, :, rows], feature_map,
+                                                         None if keep is None else keep[:, :, rows]))
+                    for rows in _blocks(k.shape[2], NO_GRAD_BLOCK))
+        outs = [_read_state(feature_map(q[:, :, rows].float(), is_query=True), state, eps).to(v.dtype)
+                for rows in _blocks(q.shape[2], NO_GRAD_BLOCK)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
