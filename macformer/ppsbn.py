@@ -101,8 +101,9 @@ class PreSBN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         centred = x - x.mean(-1, keepdim=True)
-        unit = centred / centred.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
-        return unit * self.temperature().sqrt().to(x.dtype)
+        # One [..., 1] factor, so that only one temporary of x's size lives beside the output.
+        norm = centred.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+        return centred * (self.temperature().sqrt().to(x.dtype) / norm)
 
     def extra_repr(self) -> str:
         return f"max_temperature={self.max_temperature}"
