@@ -97,6 +97,23 @@ def test_noncausal_matches_naive(name: str) -> None:
     torch.testing.assert_close(fast, _reference(q, k, v, feature_map, False, padding), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("outputs", ["both", "out", "final"])
+def test_chunked_causal_gradients_reach_a_carried_state(outputs: str) -> None:
+    """gradcheck (float64) of the chunked form's written-out backward, with a start state that needs
+    gradients and with the loss on the output, the final state or both (a padded last chunk)."""
+    generator = torch.Generator().manual_seed(0)
+    features = [torch.rand(1, 2, 11, 6, dtype=torch.float64, generator=generator) + 0.1 for _ in range(2)]
+    v = torch.randn(1, 2, 11, 3, dtype=torch.float64, generator=generator)
+    state = torch.rand(1, 2, 6, 4, dtype=torch.float64, generator=generator) + 0.1
+
+    def run(query_features, key_features, values, start):
+        out, final = causal_linear_attention(query_features, key_features, values, chunk_size=4, state=start)
+        return {"both": (out, final), "out": (out,), "final": (final,)}[outputs]
+
+    inputs = [x.requires_grad_() for x in (*features, v, state)]
+    assert torch.autograd.gradcheck(run, inputs)
+
+
 @pytest.mark.parametrize("name", sorted(MAPS))
 @pytest.mark.parametrize(("causal", "gated", "chunk_size"), [(False, False, 64), (True, False, 5), (True, True, 4)])
 def test_blockwise_evaluation_without_autograd_matches_naive(monkeypatch, name, causal, gated, chunk_size) -> None:

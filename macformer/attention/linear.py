@@ -59,28 +59,65 @@ def noncausal_linear_attention(
     return _read_state(query_features, _key_state(key_features, v), eps)
 
 
-def _ungated_chunks(
-    q_c: torch.Tensor, k_c: torch.Tensor, v_c: torch.Tensor, state: torch.Tensor | None, causal_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per chunk c (inputs [..., chunks, C, f]): phi(Q_c) H_c + tril(phi(Q_c) phi(K_c)^T) V'_c with H_c
-    the exclusive prefix sum of the chunk states phi(K_c)^T V'_c; returns (that, the key sums z_t
-    for the stabiliser, the final state)."""
-    chunk_kv = k_c.transpose(-1, -2) @ v_c  # [..., chunks, D, dv + 1]
-    starts = chunk_kv.cumsum(-3) - chunk_kv
-    if state is not None:
-        starts = starts + state.unsqueeze(-3)
-    final = starts[..., -1, :, :] + chunk_kv[..., -1, :, :]
-    out = q_c @ starts + ((q_c @ k_c.transpose(-1, -2)) * causal_mask) @ v_c
-    with torch.no_grad():  # z_t, for the stabiliser's floor only
-        key_sums = starts[..., -1].unsqueeze(-2) + k_c.cumsum(-2)
-    return out, key_sums, final
+class _UngatedChunks(torch.autograd.Function):
+    """Per chunk c (inputs [..., chunks, C, f]): out_c = phi(Q_c) H_c + tril(phi(Q_c) phi(K_c)^T) V'_c
+    with H_c = S_0 + the exclusive prefix sum of the chunk states phi(K_c)^T V'_c; returns (out, the
+    final state, the denominator column of every H_c, for the stabiliser). The backward is written
+    out: the prefix sum's gradient is the reverse exclusive sum (total minus the inclusive cumulative
+    sum: no flips), and each input's two gradient terms are accumulated by one batched
+    multiply-add instead of separate products and sums."""
+
+    @staticmethod
+    def forward(ctx, q_c, k_c, v_c, state, causal_mask):
+        ctx.set_materialize_grads(False)
+        chunk_kv = k_c.transpose(-1, -2) @ v_c  # [..., chunks, D, dv + 1]
+        starts = chunk_kv.cumsum(-3)
+        final = starts[..., -1, :, :].clone()
+        starts -= chunk_kv
+        if state is not None:
+            starts += state.unsqueeze(-3)
+            final += state
+        scores = (q_c @ k_c.transpose(-1, -2)).mul_(causal_mask)
+        out = torch.matmul(scores, v_c).add_(q_c @ starts)
+        ctx.save_for_backward(q_c, k_c, v_c, starts, scores, causal_mask)
+        ctx.has_state = state is not None
+        denominators = starts[..., -1]
+        ctx.mark_non_differentiable(denominators)
+        return out, final, denominators
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_final, _):
+        q_c, k_c, v_c, starts, scores, causal_mask = ctx.saved_tensors
+        grad_q = grad_k = grad_v = grad_state = None
+        grad_chunk_kv = None  # d/d(chunk state c) = sum of d/d(start c') over c' > c, plus d/d(final)
+        if grad_out is not None:
+            grad_starts = q_c.transpose(-1, -2) @ grad_out
+            total = grad_starts.sum(-3, keepdim=True)
+            grad_chunk_kv = grad_starts.cumsum(-3).neg_().add_(total)
+            if ctx.has_state:
+                grad_state = total.squeeze(-3)
+        if grad_final is not None:
+            grad_chunk_kv = grad_final.unsqueeze(-3).expand_as(starts) if grad_chunk_kv is None else (
+                grad_chunk_kv.add_(grad_final.unsqueeze(-3)))
+            if ctx.has_state:
+                grad_state = grad_final if grad_state is None else grad_state + grad_final
+        if grad_out is not None:
+            grad_scores = (grad_out @ v_c.transpose(-1, -2)).mul_(causal_mask)
+            grad_q = torch.matmul(grad_scores, k_c).add_(grad_out @ starts.transpose(-1, -2))
+            grad_k = torch.matmul(grad_scores.transpose(-1, -2), q_c).add_(v_c @ grad_chunk_kv.transpose(-1, -2))
+            grad_v = torch.matmul(scores.transpose(-1, -2), grad_out).add_(k_c @ grad_chunk_kv)
+        elif grad_chunk_kv is not None:  # only the final state was used
+            grad_q = torch.zeros_like(q_c)
+            grad_k = v_c @ grad_chunk_kv.transpose(-1, -2)
+            grad_v = k_c @ grad_chunk_kv
+        return grad_q, grad_k, grad_v, grad_state, None
 
 
 def _gated_chunks(
     q_c: torch.Tensor, k_c: torch.Tensor, v_c: torch.Tensor, log_g: torch.Tensor, state: torch.Tensor | None,
     causal_mask: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """As `_ungated_chunks` for S_t = g_t S_{t-1} + (1 - g_t) phi(k_t) v_t^T (log_g: [..., chunks, C]):
+    """As `_UngatedChunks` for S_t = g_t S_{t-1} + (1 - g_t) phi(k_t) v_t^T (log_g: [..., chunks, C]):
     key j reaches query t in its chunk with weight (1 - g_j) prod_{j<l<=t} g_l, and the chunk's
     start state decays by the product of the gates up to t; the start states need a sequential scan
     over chunks."""
@@ -145,7 +182,9 @@ def causal_linear_attention(
     q_c, k_c, v_c = chunked(query_features), chunked(key_features), chunked(values)
     causal_mask = torch.ones(chunk, chunk, dtype=torch.bool, device=v.device).tril()
     if log_gate is None:
-        out, key_sums, final = _ungated_chunks(q_c, k_c, v_c, state, causal_mask.to(q_c.dtype))
+        out, final, denominators = _UngatedChunks.apply(q_c, k_c, v_c, state, causal_mask.to(q_c.dtype))
+        with torch.no_grad():  # z_t, for the stabiliser's floor only
+            key_sums = denominators.unsqueeze(-2) + k_c.cumsum(-2)
     else:  # padded tail positions get g = 1 (log 0): they neither decay nor add
         log_g = (F.pad(log_gate, (0, pad)) if pad else log_gate).reshape(*log_gate.shape[:-1], num_chunks, chunk)
         out, key_sums, final = _gated_chunks(q_c, k_c, v_c, log_g, state, causal_mask)

@@ -1,6 +1,6 @@
 """Triton kernels for the chunkwise-parallel causal form on precomputed features (CUDA).
 
-The same computation as `linear._ungated_chunks`, one program per (batch, head) sweeping its chunks
+The same computation as `linear._UngatedChunks`, one program per (batch, head) sweeping its chunks
 with the running state S [D, d_v'] kept on chip (never materialised per chunk in memory):
 
     forward:   O_c = tril(Q_c K_c^T) V_c + Q_c S_c,               S_{c+1} = S_c + K_c^T V_c

@@ -264,20 +264,20 @@ def _write_products(factors: torch.Tensor, out: torch.Tensor) -> None:
 
 def _write_product_gradient(factors: torch.Tensor, incoming: torch.Tensor, target: torch.Tensor) -> None:
     """target[..., j, :] = incoming * prod_{i != j} factors[..., i, :] (degree-major, as above): the
-    product before j from the left, then the product after j from the right (no division: exact
-    where a factor is 0)."""
+    products after j from the right straight into the target, then those before j from the left (no
+    division: exact where a factor is 0; 3 degree - 4 passes, two for pairs)."""
     degree = factors.shape[-2]
-    before = incoming
-    for j in range(degree):
-        if j + 1 < degree:
-            target[..., j, :].copy_(before)
-            before = before * factors[..., j, :]
-        else:
-            target[..., j, :].copy_(before)
-    after = None
-    for j in range(degree - 1, 0, -1):
-        after = factors[..., j, :] if after is None else after * factors[..., j, :]
-        target[..., j - 1, :].mul_(after)
+    if degree == 1:
+        target[..., 0, :].copy_(incoming)
+        return
+    torch.mul(incoming, factors[..., degree - 1, :], out=target[..., degree - 2, :])
+    for j in range(degree - 3, -1, -1):
+        torch.mul(target[..., j + 1, :], factors[..., j + 1, :], out=target[..., j, :])
+    before = factors[..., 0, :]
+    for j in range(1, degree - 1):
+        target[..., j, :].mul_(before)
+        before = before * factors[..., j, :]
+    torch.mul(incoming, before, out=target[..., degree - 1, :])
 
 
 def _write_random_features(projections: torch.Tensor, rows: torch.Tensor, groups: list[tuple[int, int]],
