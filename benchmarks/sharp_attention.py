@@ -26,6 +26,7 @@ import torch
 
 from benchmarks.common import add_common_arguments, check_positive, format_table, pyplot, save_figure, write_results
 from macformer import MacformerConfig, MacformerForCausalLM, MacformerForSequenceClassification
+from macformer.host_memory import reuse_freed_host_memory
 from pipelines import listops
 from pipelines.sources import stdlib_files
 
@@ -212,6 +213,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    reuse_freed_host_memory()  # as the macformer command and every training worker do
     rows = []
     for task in args.tasks:
         data = load_task(task, args)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from macformer.errors import MacformerError
+from macformer.host_memory import reuse_freed_host_memory
 from pipelines.errors import PipelineError
 
 if TYPE_CHECKING:  # the command line starts fast: heavy modules load only with their command
@@ -291,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    reuse_freed_host_memory()  # generate, evaluate and bench compute in this process
     try:
         return COMMANDS[args.command][1](args, argv)
     except MacformerError as error:  # bad input: one line; anything else is a bug and shows its traceback
