@@ -114,6 +114,23 @@ def test_chunked_causal_gradients_reach_a_carried_state(outputs: str) -> None:
     assert torch.autograd.gradcheck(run, inputs)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("inclusive", [False, True])
+@pytest.mark.parametrize("with_start", [False, True])
+@pytest.mark.parametrize("dim", [-3, -2])
+def test_running_sums_match_cumulative_sums(reverse: bool, inclusive: bool, with_start: bool, dim: int) -> None:
+    terms = torch.randn(2, 5, 4, 3, dtype=torch.float64)
+    start = torch.randn(terms.select(dim, 0).shape, dtype=torch.float64) if with_start else None
+    ordered = terms.flip(dim) if reverse else terms
+    inclusive_sums = ordered.cumsum(dim)
+    expected = inclusive_sums if inclusive else inclusive_sums - ordered
+    expected = expected.flip(dim) if reverse else expected
+    offset = 0 if start is None else start.unsqueeze(dim)
+    sums, total = linear._running_sums(terms, start, dim, reverse=reverse, inclusive=inclusive)
+    torch.testing.assert_close(sums, expected + offset)
+    torch.testing.assert_close(total, terms.sum(dim) + (0 if start is None else start))
+
+
 @pytest.mark.parametrize("name", sorted(MAPS))
 @pytest.mark.parametrize(("causal", "gated", "chunk_size"), [(False, False, 64), (True, False, 5), (True, True, 4)])
 def test_blockwise_evaluation_without_autograd_matches_naive(monkeypatch, name, causal, gated, chunk_size) -> None:

@@ -59,24 +59,40 @@ def noncausal_linear_attention(
     return _read_state(query_features, _key_state(key_features, v), eps)
 
 
+def _running_sums(terms: torch.Tensor, start: torch.Tensor | None, dim: int, *, reverse: bool = False,
+                  inclusive: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums, total) along `dim`: sums[i] = start + the terms before i (after i when reverse; term i
+    included when inclusive), total = start + every term; start has the shape of one slice (None: 0).
+    One add per index into a preallocated output: torch's cumsum along a dimension that is not the
+    last ran at a quarter of this speed ([8, 128, 128, 65] along the chunks: 13.6 vs 3.5 ms)."""
+    sums = torch.empty_like(terms)
+    previous = None
+    for index in range(terms.shape[dim] - 1, -1, -1) if reverse else range(terms.shape[dim]):
+        base = start if previous is None else sums.select(dim, previous)
+        added = terms.select(dim, index) if inclusive else (None if previous is None else terms.select(dim, previous))
+        target = sums.select(dim, index)
+        if base is None:
+            target.zero_() if added is None else target.copy_(added)
+        else:
+            target.copy_(base) if added is None else torch.add(base, added, out=target)
+        previous = index
+    last = sums.select(dim, previous)
+    return sums, last if inclusive else last + terms.select(dim, previous)
+
+
 class _UngatedChunks(torch.autograd.Function):
     """Per chunk c (inputs [..., chunks, C, f]): out_c = phi(Q_c) H_c + tril(phi(Q_c) phi(K_c)^T) V'_c
     with H_c = S_0 + the exclusive prefix sum of the chunk states phi(K_c)^T V'_c; returns (out, the
     final state, the denominator column of every H_c, for the stabiliser). The backward is written
-    out: the prefix sum's gradient is the reverse exclusive sum (total minus the inclusive cumulative
-    sum: no flips), and each input's two gradient terms are accumulated by one batched
-    multiply-add instead of separate products and sums."""
+    out: the prefix sum's gradient is the reverse running sum of the start states' gradients, and
+    each input's two gradient terms are accumulated by one batched multiply-add instead of separate
+    products and sums."""
 
     @staticmethod
     def forward(ctx, q_c, k_c, v_c, state, causal_mask):
         ctx.set_materialize_grads(False)
         chunk_kv = k_c.transpose(-1, -2) @ v_c  # [..., chunks, D, dv + 1]
-        starts = chunk_kv.cumsum(-3)
-        final = starts[..., -1, :, :].clone()
-        starts -= chunk_kv
-        if state is not None:
-            starts += state.unsqueeze(-3)
-            final += state
+        starts, final = _running_sums(chunk_kv, state, dim=-3)
         scores = (q_c @ k_c.transpose(-1, -2)).mul_(causal_mask)
         out = torch.matmul(scores, v_c).add_(q_c @ starts)
         ctx.save_for_backward(q_c, k_c, v_c, starts, scores, causal_mask)
@@ -88,29 +104,20 @@ class _UngatedChunks(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_final, _):
         q_c, k_c, v_c, starts, scores, causal_mask = ctx.saved_tensors
-        grad_q = grad_k = grad_v = grad_state = None
-        grad_chunk_kv = None  # d/d(chunk state c) = sum of d/d(start c') over c' > c, plus d/d(final)
-        if grad_out is not None:
-            grad_starts = q_c.transpose(-1, -2) @ grad_out
-            total = grad_starts.sum(-3, keepdim=True)
-            grad_chunk_kv = grad_starts.cumsum(-3).neg_().add_(total)
-            if ctx.has_state:
-                grad_state = total.squeeze(-3)
-        if grad_final is not None:
-            grad_chunk_kv = grad_final.unsqueeze(-3).expand_as(starts) if grad_chunk_kv is None else (
-                grad_chunk_kv.add_(grad_final.unsqueeze(-3)))
-            if ctx.has_state:
-                grad_state = grad_final if grad_state is None else grad_state + grad_final
-        if grad_out is not None:
-            grad_scores = (grad_out @ v_c.transpose(-1, -2)).mul_(causal_mask)
-            grad_q = torch.matmul(grad_scores, k_c).add_(grad_out @ starts.transpose(-1, -2))
-            grad_k = torch.matmul(grad_scores.transpose(-1, -2), q_c).add_(v_c @ grad_chunk_kv.transpose(-1, -2))
-            grad_v = torch.matmul(scores.transpose(-1, -2), grad_out).add_(k_c @ grad_chunk_kv)
-        elif grad_chunk_kv is not None:  # only the final state was used
-            grad_q = torch.zeros_like(q_c)
-            grad_k = v_c @ grad_chunk_kv.transpose(-1, -2)
-            grad_v = k_c @ grad_chunk_kv
-        return grad_q, grad_k, grad_v, grad_state, None
+        if grad_out is None and grad_final is None:  # only the denominators were used: no gradient
+            return None, None, None, None, None
+        # d/d(chunk state c) = d/d(final) + the sum of d/d(start c') over c' > c; d/d(state) adds them all.
+        if grad_out is None:  # only the final state was used
+            grad_chunk_kv = grad_final.unsqueeze(-3).expand_as(starts)
+            return (torch.zeros_like(q_c), v_c @ grad_chunk_kv.transpose(-1, -2), k_c @ grad_chunk_kv,
+                    grad_final if ctx.has_state else None, None)
+        grad_chunk_kv, grad_total = _running_sums(q_c.transpose(-1, -2) @ grad_out, grad_final, dim=-3,
+                                                    reverse=True)
+        grad_scores = (grad_out @ v_c.transpose(-1, -2)).mul_(causal_mask)
+        grad_q = torch.matmul(grad_scores, k_c).add_(grad_out @ starts.transpose(-1, -2))
+        grad_k = torch.matmul(grad_scores.transpose(-1, -2), q_c).add_(v_c @ grad_chunk_kv.transpose(-1, -2))
+        grad_v = torch.matmul(scores.transpose(-1, -2), grad_out).add_(k_c @ grad_chunk_kv)
+        return grad_q, grad_k, grad_v, grad_total if ctx.has_state else None, None
 
 
 def _gated_chunks(
@@ -184,7 +191,7 @@ def causal_linear_attention(
     if log_gate is None:
         out, final, denominators = _UngatedChunks.apply(q_c, k_c, v_c, state, causal_mask.to(q_c.dtype))
         with torch.no_grad():  # z_t, for the stabiliser's floor only
-            key_sums = denominators.unsqueeze(-2) + k_c.cumsum(-2)
+            key_sums = _running_sums(k_c, denominators, dim=-2, inclusive=True)[0]
     else:  # padded tail positions get g = 1 (log 0): they neither decay nor add
         log_g = (F.pad(log_gate, (0, pad)) if pad else log_gate).reshape(*log_gate.shape[:-1], num_chunks, chunk)
         out, key_sums, final = _gated_chunks(q_c, k_c, v_c, log_g, state, causal_mask)
