@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from macformer.host_memory import large_allocations_mapped_fresh
+
 OUTPUT_DIRECTORY = Path("benchmarks/out")
 
 
@@ -65,7 +67,9 @@ class PeakMemory:
     CUDA: the caching allocator's peak. CPU: the process's peak resident set (VmHWM), reset on entry
     through /proc/self/clear_refs after returning freed heap pages to the OS (malloc_trim), so the
     block's own allocations show. Resident pages are what the machine must provide; torch's CPU
-    allocator has no statistics of its own.
+    allocator has no statistics of its own. Inside the block large allocations are mapped fresh and
+    unmapped on free (`large_allocations_mapped_fresh`), so the peak is that of the live tensors,
+    not of what the heap kept from earlier calls (which made the same call read 108 or 175 MiB).
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -85,6 +89,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
         else:
+            self._fresh_pages = large_allocations_mapped_fresh()
+            self._fresh_pages.__enter__()
             ctypes.CDLL("libc.so.6").malloc_trim(0)
             Path("/proc/self/clear_refs").write_text("5")
             self._start = self._status_kib("VmRSS") * 1024
@@ -96,6 +102,7 @@ class PeakMemory:
             peak = torch.cuda.max_memory_allocated(self.device)
         else:
             peak = self._status_kib("VmHWM") * 1024
+            self._fresh_pages.__exit__(None, None, None)
         self.peak_mib = max(0, peak - self._start) / 2**20
 
 

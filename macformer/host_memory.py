@@ -15,8 +15,10 @@ Macformer's entry points (the `macformer` command, every training worker, the be
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import platform
+from collections.abc import Iterator
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -24,14 +26,41 @@ _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 1 << 30
 # Free memory at the top of the heap is never returned to the kernel by itself (int range of mallopt).
 TRIM_THRESHOLD_BYTES = 2**31 - 1
+# glibc's initial mmap and trim thresholds (before its dynamic adjustment raises them).
+GLIBC_INITIAL_THRESHOLD_BYTES = 128 * 1024
+
+_reusing = False
 
 
-def reuse_freed_host_memory() -> bool:
-    """Make freed heap memory serve later allocations (process-wide, idempotent). True where it was
-    applied (glibc); False elsewhere (macOS, musl, Windows), where the allocator is left as it is."""
+def _set_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
     if platform.libc_ver()[0] != "glibc":
         return False
     mallopt = ctypes.CDLL(None).mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
+
+def reuse_freed_host_memory(enabled: bool = True) -> bool:
+    """Make freed heap memory serve later allocations (process-wide, idempotent); enabled=False maps
+    every allocation above 128 KiB fresh and unmaps it on free (glibc's initial thresholds, without
+    its dynamic adjustment). True where it was applied (glibc); False elsewhere (macOS, musl,
+    Windows), where the allocator is left as it is."""
+    global _reusing
+    applied = (_set_thresholds(MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES) if enabled
+               else _set_thresholds(GLIBC_INITIAL_THRESHOLD_BYTES, GLIBC_INITIAL_THRESHOLD_BYTES))
+    if applied:
+        _reusing = enabled
+    return applied
+
+
+@contextlib.contextmanager
+def large_allocations_mapped_fresh() -> Iterator[None]:
+    """Within the block, large allocations are mapped fresh and unmapped on free, so the resident set
+    follows the live tensors (what a peak-memory measurement wants: with reuse on, a freed block that
+    the next allocation does not fit stays resident beside it); the previous setting after."""
+    previous = _reusing
+    reuse_freed_host_memory(False)
+    try:
+        yield
+    finally:
+        reuse_freed_host_memory(previous)
