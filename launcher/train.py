@@ -11,6 +11,7 @@ from typing import Any
 from launcher.config import ConfigError, TrainConfig
 from launcher.tracking import JOB_ID_ENV, end_tracked_run, ensure_experiment, git_commit, probe_tracking_server
 from macformer.errors import MacformerError
+from macformer.host_memory import process_environment
 from pipelines import storage
 from pipelines.ray_runtime import ray_session
 from pipelines.reader import ShardReader
@@ -110,8 +111,9 @@ def fit(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
             failure_config=FailureConfig(max_failures=config.max_failures),
             # One line per step: Ray Train's print-to-logger patch would show each print twice (beside
-            # Ray's own stdout forwarding), and its per-report INFO lines run to ~300 characters.
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            # Ray's own stdout forwarding), and its per-report INFO lines run to ~300 characters. Workers
+            # start with freed host memory reused in every thread (macformer/host_memory.py).
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **process_environment()}},
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )

@@ -23,7 +23,6 @@ from launcher.config import TrainConfig
 from launcher.evaluate import evaluation_metrics, evaluation_totals
 from launcher.tracking import NoTracker, Tracker, mask_credentials, run_params
 from macformer import MacformerForCausalLM, MacformerForSequenceClassification
-from macformer.host_memory import reuse_freed_host_memory
 from pipelines.reader import ShardReader
 
 EXPORT_DIR = "model"
@@ -254,7 +253,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point. loop_config: {"train": TrainConfig with its model resolved, "manifest":
     the dataset's, "git_commit": ..., "ray_job_id": ...}."""
     config: TrainConfig = loop_config["train"]
-    reuse_freed_host_memory()  # batches, CPU activations and optimizer steps: no page faults per allocation
     if not config.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         _skip_shared_memory_all_reduce()

@@ -9,14 +9,20 @@ unchanged). PyTorch's CPU tuning guide swaps in jemalloc or tcmalloc for this; g
 (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD) do the same without a dependency. The cost: like CUDA's caching
 allocator, a process keeps what it freed (its resident memory does not shrink after a peak).
 
-Macformer's entry points (the `macformer` command, every training worker, the benchmarks) call
-`reuse_freed_host_memory()`; a program that uses the library directly can call it too.
+The `macformer` command and the benchmarks call `reuse_freed_host_memory()`, and so can a program
+that uses the library directly. Training workers start with `process_environment()` instead: Ray
+Train runs the training loop in a thread of its own, and glibc serves a thread's allocations from a
+separate arena whose heaps hold at most 64 MiB, so larger tensors (the logits of 8k tokens) came from
+fresh pages whatever the thresholds: 64-135k page faults per forward and as many per backward at 8k
+tokens, next to none with one arena for every thread (RMFA's training step at 8k tokens: forward
+0.37-0.42 -> 0.24-0.36 s, backward 0.59-0.72 -> 0.47-0.62 s).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import platform
 from collections.abc import Iterator
 
@@ -30,6 +36,10 @@ TRIM_THRESHOLD_BYTES = 2**31 - 1
 GLIBC_INITIAL_THRESHOLD_BYTES = 128 * 1024
 
 _reusing = False
+
+# The same thresholds for a process from its start, and one arena for all its threads (see above).
+GLIBC_TUNABLES = (f"glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold={MMAP_THRESHOLD_BYTES}:"
+                  f"glibc.malloc.trim_threshold={TRIM_THRESHOLD_BYTES}")
 
 
 def _set_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
@@ -64,3 +74,10 @@ def large_allocations_mapped_fresh() -> Iterator[None]:
         yield
     finally:
         reuse_freed_host_memory(previous)
+
+
+def process_environment() -> dict[str, str]:
+    """Environment variables that make a new process (a training worker) reuse freed memory from its
+    start, in every thread; tunables already set in this environment come after, so they win."""
+    existing = os.environ.get("GLIBC_TUNABLES")
+    return {"GLIBC_TUNABLES": GLIBC_TUNABLES + (f":{existing}" if existing else "")}
