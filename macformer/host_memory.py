@@ -4,7 +4,7 @@ glibc's malloc serves an allocation above its mmap threshold (dynamic, at most 3
 pages from the kernel and unmaps them on free, so each new large CPU tensor pays one page fault per
 4 KiB page on first write: the [8 heads, 8192, 128] fp32 features of one attention call are 32 MiB,
 and `x * 2` on a 34 MiB tensor took 11 ms (8,321 faults) against 3 ms (none) with its memory reused.
-That is a quarter of RMFA's causal forward+backward at 8k tokens on CPU (564 -> 490 ms; softmax
+It cost 13% of RMFA's causal forward+backward at 8k tokens on CPU (564 -> 490 ms; softmax
 unchanged). PyTorch's CPU tuning guide swaps in jemalloc or tcmalloc for this; glibc's own switches
 (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD) do the same without a dependency. The cost: like CUDA's caching
 allocator, a process keeps what it freed (its resident memory does not shrink after a peak).
