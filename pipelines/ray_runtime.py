@@ -14,8 +14,11 @@ from contextlib import contextmanager
 
 from pipelines.errors import PipelineError
 
-# Without this, Ray ignores the node address below on some platforms and listens on every interface.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# A private local Ray stays on 127.0.0.1 only with this set (else Ray ignores the node address below
+# and listens on every interface); Ray reads it at import. Never in a submitted job's driver on a
+# cluster ($RAY_ADDRESS set): there it would make the driver reachable on loopback only.
+if not os.environ.get("RAY_ADDRESS"):
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 PROBE_TIMEOUT_S = 5.0

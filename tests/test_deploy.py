@@ -1,6 +1,7 @@
-"""The deployment files (Docker cannot run here): they parse, agree with each other and with
-pyproject, name commands and flags that exist, and pass the Dockerfile lint."""
+"""The deployment files: they parse, agree with each other and with pyproject, name commands and
+flags that exist, and pass the Dockerfile lint (the cluster itself was run by hand: RESULTS.md)."""
 
+import os
 import re
 import shlex
 import shutil
@@ -71,6 +72,30 @@ def test_compose_cluster_publishes_only_two_ports_to_loopback() -> None:
     for name in ("ray-head", "ray-worker"):
         assert services[name]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
         assert "shared:/shared" in services[name]["volumes"]
+
+
+def test_compose_file_works_with_compose_v1_and_images_let_nodes_join() -> None:
+    """Found by running the cluster (docker-compose 1.29, Docker 20.10): Compose v1 refuses a top-level
+    `name`, and RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 in an image makes `ray start --address` on a
+    worker refuse to join (Ray treats the node as loopback-only)."""
+    assert "name" not in _compose()
+    for dockerfile in DOCKERFILES:
+        assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in dockerfile.read_text()
+    for manifest in _kuberay().values():
+        for container in _containers(manifest):
+            assert all(v.get("name") != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" for v in container.get("env", []))
+
+
+@pytest.mark.parametrize(("ray_address", "expected"), [(None, "0"), ("ray-head:6379", None)])
+def test_only_a_private_local_ray_is_held_to_loopback(ray_address, expected) -> None:
+    """A submitted job's driver on a cluster ($RAY_ADDRESS set) must stay reachable from other nodes."""
+    environment = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    if ray_address:
+        environment["RAY_ADDRESS"] = ray_address
+    result = subprocess.run([sys.executable, "-c", "import os, pipelines.ray_runtime; "
+                             "print(os.environ.get('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER'))"],
+                            capture_output=True, text=True, check=True, env=environment, cwd=ROOT)
+    assert result.stdout.strip() == str(expected)
 
 
 def test_kuberay_manifests_use_one_image_and_take_locations_from_the_configmap() -> None:
