@@ -182,3 +182,14 @@ def test_readme_builds_the_tags_the_manifests_use() -> None:
     readme = (ROOT / "README.md").read_text()
     assert f"docker build -f docker/Dockerfile.cpu -t macformer:{VERSION}-cpu ." in readme
     assert f"docker build -f docker/Dockerfile -t macformer:{VERSION}-cuda ." in readme
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("MACFORMER_CONTAINER_CHECK") != "1",
+                    reason="builds the image and runs the compose cluster (3-7 minutes): set "
+                           "MACFORMER_CONTAINER_CHECK=1 where a Docker daemon runs")
+def test_compose_cluster_trains_end_to_end() -> None:
+    result = subprocess.run([str(DOCKER / "check_cluster.sh")], capture_output=True, text=True, timeout=1800,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.rstrip().endswith("check_cluster: OK")

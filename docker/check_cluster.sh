@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# End-to-end check of the compose cluster on this machine: build the CPU image (and, where no
+# registry of images is reachable, a local Debian base with debootstrap), bring up Ray head, two Ray
+# workers and MLflow, submit the data preparation and a short training from the host with
+# `ray job submit`, and check from the host that both jobs SUCCEEDED, the MLflow run is FINISHED
+# with params, metrics and its model artifact, the two training workers ran in different
+# containers and only 127.0.0.1 ports are published. Containers, networks and volumes are removed
+# on exit, whatever failed. Needs a running Docker daemon, docker-compose (v1) or `docker compose`,
+# and the project's .venv (for the host's `ray` CLI and the MLflow client). From the repository root:
+#   docker/check_cluster.sh
+# MLflow runs on SQLite in its artifact volume here (docker/compose.sqlite.yaml): PostgreSQL's image
+# comes from a registry.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PROJECT=macformer-check
+IMAGE=${MACFORMER_IMAGE:-macformer:0.1.0-cpu}
+BASE_IMAGE=${BASE_IMAGE:-python:3.11-slim-bookworm}
+LOCAL_BASE=macformer-local/debian-python:bookworm
+TORCH_WHEEL=${TORCH_WHEEL:-$(cd docker/context && ls torch-*.whl 2>/dev/null | head -n 1 || true)}
+RAY=.venv/bin/ray
+step() { echo "== $*"; STEP="$*"; }
+trap 'status=$?; [ "$status" -ne 0 ] && echo "check_cluster: FAILED at: ${STEP:-start}" >&2; down; exit "$status"' EXIT
+
+if docker compose version >/dev/null 2>&1; then COMPOSE=(docker compose); else COMPOSE=(docker-compose); fi
+compose() { "${COMPOSE[@]}" -p "$PROJECT" -f docker/compose.yaml -f docker/compose.sqlite.yaml "$@"; }
+down() { compose down -v --remove-orphans >/dev/null 2>&1 || true; }
+export POSTGRES_PASSWORD=unused-with-sqlite RAY_AUTH_MODE=disabled MACFORMER_IMAGE="$IMAGE"
+
+step "docker daemon"
+docker info >/dev/null
+
+step "base image $BASE_IMAGE"
+if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1 && ! docker pull "$BASE_IMAGE" >/dev/null 2>&1; then
+    if ! docker image inspect "$LOCAL_BASE" >/dev/null 2>&1; then
+        rootfs=$(mktemp -d)
+        debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$rootfs" >/dev/null
+        tar -C "$rootfs" -c . | docker import - "$LOCAL_BASE" >/dev/null
+        rm -rf "$rootfs"
+    fi
+    BASE_IMAGE=$LOCAL_BASE
+fi
+
+step "build $IMAGE"
+build_args=(--build-arg "BASE_IMAGE=$BASE_IMAGE")
+[ -n "$TORCH_WHEEL" ] && build_args+=(--build-arg "TORCH_WHEEL=$TORCH_WHEEL")
+[ -f docker/context/ca-bundle.crt ] && build_args+=(--build-arg EXTRA_CA_CERT=ca-bundle.crt)
+docker build --quiet --force-rm --network host -f docker/Dockerfile.cpu -t "$IMAGE" "${build_args[@]}" . >/dev/null
+
+step "cluster up (prepare: default CPUs)"
+down
+compose up -d >/dev/null
+until "$RAY" job list --address http://127.0.0.1:8265 >/dev/null 2>&1; do sleep 2; done
+
+step "prepare job"
+"$RAY" job submit --address http://127.0.0.1:8265 -- macformer prepare --input stdlib \
+    --output /shared/data/stdlib --seq-len 1024 --valid-fraction 0.05 --stdlib-limit 200 >/dev/null
+
+step "cluster up again (one CPU per worker, none on the head: one training worker per container)"
+compose down >/dev/null 2>&1
+RAY_HEAD_CPUS=0 RAY_WORKER_CPUS=1 compose up -d >/dev/null
+until [ "$(docker exec "$(compose ps -q ray-head)" ray status 2>/dev/null | grep -c ' node_')" = 3 ]; do sleep 2; done
+
+step "training job"
+log=$(mktemp)
+"$RAY" job submit --address http://127.0.0.1:8265 -- macformer train --config configs/demo.yaml \
+    data=/shared/data/stdlib storage_path=/shared/runs max_steps=10 eval_every=10 checkpoint_every=10 \
+    run_name=container-check >"$log" 2>&1 || { tail -n 30 "$log" >&2; exit 1; }
+
+step "training workers in two containers"
+addresses=$(grep -o 'RayTrainWorker pid=[0-9]*, ip=[0-9.]*' "$log" | sed 's/.*ip=//' | sort -u | wc -l)
+[ "$addresses" -eq 2 ] || { echo "training workers ran on $addresses container(s)" >&2; exit 1; }
+
+step "MLflow run FINISHED with params, metrics and model"
+.venv/bin/python - <<'PY'
+from mlflow.tracking import MlflowClient
+
+client = MlflowClient("http://127.0.0.1:5000")
+runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+        if r.info.run_name == "container-check"]
+assert len(runs) == 1, f"expected one run named container-check, found {len(runs)}"
+run = runs[0]
+artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+assert run.info.status == "FINISHED", run.info.status
+assert run.data.params and "train_loss" in run.data.metrics, "params or train_loss missing"
+assert "model" in artifacts, f"no model artifact: {sorted(artifacts)}"
+PY
+
+step "only 127.0.0.1 ports published"
+published=$(docker ps --filter "label=com.docker.compose.project=$PROJECT" --format '{{.Ports}}' | tr ',' '\n' |
+            grep -- '->' || true)
+if echo "$published" | grep -v '127.0.0.1:' | grep -q .; then echo "published beyond loopback: $published" >&2; exit 1; fi
+
+step "teardown"
+down
+left=$(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT"; docker network ls -q --filter "label=com.docker.compose.project=$PROJECT"; docker volume ls -q --filter "label=com.docker.compose.project=$PROJECT")
+[ -z "$left" ] || { echo "left behind: $left" >&2; exit 1; }
+echo "check_cluster: OK"
