@@ -9,6 +9,10 @@ Estimators (all compute degrees 0 and 1 exactly with 1 + head_dim features and s
   x . y ~ 0 (unbiased: each degree is importance-weighted by a_n / P(n)).
 - "tuned-law-srht": the same with each product slot's projections taken from randomly signed,
   permuted Hadamard rows (orthogonal within a block; still Rademacher marginally, so unbiased).
+- "tuned-law-complex": the tuned law with complex Rademacher projections (entries +-1, +-i; Wacker,
+  Kanagawa, Filippone 2022): a product's second moment per factor is |x|^2|y|^2 + (x . y)^2 instead of
+  |x|^2|y|^2 + 2 (x . y)^2, lower for aligned pairs; each complex feature z gives the two real
+  features Re z and Im z (Re z(x) conj z(y) is what they estimate), so half as many are drawn.
 - "degree-2-only": the same machinery with only degree 2 sampled: biased (it drops sum_{n>2} a_n s^n);
   it shows how much of the error the higher degrees carry.
 
@@ -34,7 +38,7 @@ from macformer.features import FeatureMap, RandomMaclaurinFeatures
 from macformer.host_memory import reuse_freed_host_memory
 from macformer.kernels import get_kernel
 
-ESTIMATORS = ("kar-karnick", "tuned-law", "tuned-law-srht", "degree-2-only")
+ESTIMATORS = ("kar-karnick", "tuned-law", "tuned-law-srht", "tuned-law-complex", "degree-2-only")
 INPUTS = ("isotropic", "clustered")
 # Degrees beyond this carry less than 1e-12 of the law's mass for t <= 4 (exp) and are not drawn.
 LAW_MAX_DEGREE = 48
@@ -47,19 +51,27 @@ def _hadamard(size: int) -> torch.Tensor:
     return matrix
 
 
+PROJECTIONS = ("rademacher", "hadamard", "complex")
+
+
 class SampledDegreeFeatures(FeatureMap):
     """Degrees 0 and 1 exact; the other features have the degrees `law` assigns by systematic sampling,
-    each sqrt(a_n / P(n) / m) prod_j (w_j . x) with Rademacher (or Hadamard-block) w_j."""
+    each sqrt(a_n / P(n) / m) prod_j (w_j . x) with w_j Rademacher ("rademacher"), randomly signed and
+    permuted Hadamard rows ("hadamard") or complex Rademacher ("complex": m = half the random features,
+    each giving its real and imaginary part)."""
 
-    def __init__(self, dim: int, num_features: int, kernel: str, law: dict[int, float], structured: bool,
+    def __init__(self, dim: int, num_features: int, kernel: str, law: dict[int, float], projections: str,
                  seed: int) -> None:
         super().__init__(dim, num_features, seed)
+        if projections not in PROJECTIONS:
+            raise ValueError(f"unknown projections {projections!r}; valid: {', '.join(PROJECTIONS)}")
         self.kernel = get_kernel(kernel)
-        self.law, self.structured = law, structured
+        self.law, self.projections = law, projections
         self._draw(self._generator())
 
     def _draw(self, generator: torch.Generator) -> None:
-        count = self.num_features - 1 - self.dim
+        slots_out = self.num_features - 1 - self.dim
+        count = slots_out // 2 if self.projections == "complex" else slots_out
         degrees_sorted = sorted(self.law)
         cdf = torch.tensor([self.law[n] for n in degrees_sorted], dtype=torch.float64).cumsum(0)
         quantiles = (torch.arange(count, dtype=torch.float64) + torch.rand((), generator=generator,
@@ -68,10 +80,13 @@ class SampledDegreeFeatures(FeatureMap):
         self.degrees = [degrees_sorted[i] for i in index.tolist()]
         coefficients = self.kernel.coefficients(max(self.degrees))
         self.scales = torch.tensor([math.sqrt(coefficients[n] / self.law[n] / count) for n in self.degrees])
+        # An odd number of output slots leaves one unused by complex features: it stays zero.
+        self.padding = slots_out - 2 * count if self.projections == "complex" else 0
         slots = max(self.degrees)
-        weights = torch.empty(slots, count, self.dim)
-        for slot in range(slots):  # slot j of every feature: one block-orthogonal or i.i.d. Rademacher set
-            if self.structured:
+        weights = torch.empty(slots, count, self.dim, dtype=torch.complex64 if self.projections == "complex"
+                              else torch.float32)
+        for slot in range(slots):  # slot j of every feature: one block-orthogonal or i.i.d. set
+            if self.projections == "hadamard":
                 blocks = []
                 while sum(b.shape[0] for b in blocks) < count:
                     signs = torch.randint(0, 2, (self.dim,), generator=generator) * 2 - 1
@@ -79,13 +94,20 @@ class SampledDegreeFeatures(FeatureMap):
                     blocks.append(block[torch.randperm(self.dim, generator=generator)])
                 weights[slot] = torch.cat(blocks)[:count]
             else:
-                weights[slot] = torch.randint(0, 2, (count, self.dim), generator=generator).float() * 2 - 1
+                signs = torch.randint(0, 2, (count, self.dim), generator=generator).float() * 2 - 1
+                if self.projections == "complex":  # +-1 or +-i with equal probability: E[w conj(w)^T] = I
+                    imaginary = torch.randint(0, 2, (count, self.dim), generator=generator).bool()
+                    weights[slot] = torch.complex(torch.where(imaginary, 0.0, signs), torch.where(imaginary, signs, 0.0))
+                else:
+                    weights[slot] = signs
         self.weights = weights
 
     def forward(self, x: torch.Tensor, is_query: bool = False) -> torch.Tensor:
-        projections = torch.einsum("...d,sfd->...sf", x, self.weights)  # [..., slots, features]
+        projections = torch.einsum("...d,sfd->...sf", x.to(self.weights.dtype), self.weights)  # [..., slots, f]
         used = torch.arange(projections.shape[-2])[:, None] < torch.tensor(self.degrees)[None, :]
         random = torch.where(used, projections, torch.ones_like(projections)).prod(-2) * self.scales
+        if self.projections == "complex":
+            random = torch.cat([random.real, random.imag, x.new_zeros(*x.shape[:-1], self.padding)], dim=-1)
         exact = [x.new_ones(*x.shape[:-1], 1), x * self.kernel.coefficients(1)[1].sqrt().item()]
         return torch.cat([*exact, random], dim=-1)
 
@@ -102,7 +124,8 @@ def make_estimator(name: str, kernel: str, dim: int, num_features: int, temperat
         return RandomMaclaurinFeatures(dim, num_features, kernel, seed=seed, constant_feature=True,
                                        linear_features=True)
     law = {2: 1.0} if name == "degree-2-only" else tuned_law(kernel, temperature)
-    return SampledDegreeFeatures(dim, num_features, kernel, law, name.endswith("srht"), seed)
+    projections = {"tuned-law-srht": "hadamard", "tuned-law-complex": "complex"}.get(name, "rademacher")
+    return SampledDegreeFeatures(dim, num_features, kernel, law, projections, seed)
 
 
 def make_inputs(kind: str, temperature: float, args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
