@@ -71,9 +71,13 @@ def test_the_kernels_follow_the_final_state_gradient_only_where_given() -> None:
 
 
 def _route_to_triton(monkeypatch) -> list[int]:
-    """The model's dispatch as on CUDA (the Triton path whatever the device); returns a list that
-    counts the kernel calls, so a test sees that the path it compares was taken."""
+    """The model's dispatch as on CUDA (the Triton paths of the feature map and the causal products
+    whatever the device); returns a list that counts the causal kernel's calls, so a test sees that
+    the path it compares was taken."""
     from macformer.attention import triton_chunked
+    from macformer.features import maclaurin
+
+    monkeypatch.setattr(maclaurin, "_use_triton", lambda x: True)
 
     calls = []
     kernel = triton_chunked.chunked_causal_products
@@ -133,3 +137,36 @@ def test_a_model_trains_the_same_on_both_paths(monkeypatch) -> None:
             assert got is None
         else:
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def _features_and_gradient(feature_map, x, cotangent):
+    x = x.clone().requires_grad_()
+    features = feature_map(x)
+    return [features, *torch.autograd.grad((features * cotangent).sum(), x)]
+
+
+@pytest.mark.parametrize(("dim", "num_features", "kernel", "exact"), [
+    (16, 48, "exp", "both"),  # the default's form: degrees 0 and 1 exact, random degrees >= 2
+    (20, 70, "inverse", "constant"),  # dim not a power of two; random degrees >= 1
+    (8, 45, "exp", "none"),  # sampled degree 0 (constant random features, no gradient)
+    (24, 200, "exp", "both"),  # several feature blocks, the last with the highest degrees
+])
+def test_feature_map_kernels_equal_the_pytorch_path(monkeypatch, dim: int, num_features: int, kernel: str,
+                                                    exact: str) -> None:
+    from macformer.features import maclaurin
+
+    feature_map = RandomMaclaurinFeatures(dim, num_features, kernel, seed=dim, p=1.5,
+                                          constant_feature=exact != "none", linear_features=exact == "both")
+    assert max(feature_map.degrees.tolist()) >= 4  # the loops over factors run past one or two
+    x = presbn_like((2, 3, 37, dim), scale=1.0)
+    cotangent = torch.randn(2, 3, 37, num_features, generator=torch.Generator().manual_seed(dim))
+    pytorch = _features_and_gradient(feature_map, *_on_device([x, cotangent]))
+    calls = []
+    monkeypatch.setattr(maclaurin, "_use_triton", lambda x: calls.append(1) or True)
+    triton = _features_and_gradient(feature_map, *_on_device([x, cotangent]))
+    assert calls == [1]
+    # Each feature against its own scale: features of high degree are tiny and must be right too.
+    feature_scale = pytorch[0].abs().flatten(0, -2).amax(0)
+    torch.testing.assert_close(triton[0] / feature_scale, pytorch[0] / feature_scale, atol=1e-5, rtol=1e-4,
+                               msg="features")
+    torch.testing.assert_close(triton[1], pytorch[1], atol=1e-5, rtol=1e-4, msg="grad x")

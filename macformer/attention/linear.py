@@ -8,7 +8,6 @@ in fp32 with autocast off, whatever the input dtype.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import torch
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from macformer.attention.common import DENOMINATOR_EPS, check_qkv, key_keep, log_gate_of, stabilised_ratio
 from macformer.errors import MacformerError, check_positive_int
 from macformer.features.base import FeatureMap
+from macformer.triton_support import triton_usable as _use_triton
 
 DEFAULT_CHUNK_SIZE = 64
 # Tokens per block when attention runs without autograd (inference, evaluation, prompt prefill): the
@@ -24,11 +24,6 @@ DEFAULT_CHUNK_SIZE = 64
 # (8 heads, n = 16384, D = 128: causal 211 / 127 / 85 / 56 MiB at blocks of 4096 / 2048 / 1024 / 512
 # tokens, at the same speed within the machine's noise).
 NO_GRAD_BLOCK = 512
-
-
-def _use_triton(features: torch.Tensor) -> bool:
-    """The Triton kernels (triton_chunked.py) on CUDA where Triton is installed; PyTorch elsewhere."""
-    return features.is_cuda and importlib.util.find_spec("triton") is not None
 
 
 def _with_ones(v: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 from macformer.errors import MacformerError
 from macformer.features.base import FeatureMap
 from macformer.kernels import DotProductKernel, get_kernel
+from macformer.triton_support import triton_usable as _use_triton
 
 __all__ = ["RandomMaclaurinFeatures", "degree_distribution", "worst_pair_relative_std"]
 
@@ -173,7 +174,12 @@ class RandomMaclaurinFeatures(FeatureMap):
 
     def forward(self, x: torch.Tensor, is_query: bool = False) -> torch.Tensor:
         rows, factor_index, constant, linear = self._fast_path()
-        return _MaclaurinFeatures.apply(x, rows.to(x.dtype), factor_index, self._random_groups, constant, linear)
+        function = _MaclaurinFeatures
+        if _use_triton(x):
+            from macformer.features import triton_maclaurin
+
+            function = triton_maclaurin.TritonMaclaurinFeatures
+        return function.apply(x, rows.to(x.dtype), factor_index, self._random_groups, constant, linear)
 
     def _fast_path(self) -> tuple[torch.Tensor, torch.Tensor, float | None, float | None]:
         """(`_build_random_rows()`, `_factor_index()`, sqrt(a_0) or None, sqrt(a_1) or None), built
