@@ -97,7 +97,7 @@ class SampledDegreeFeatures(FeatureMap):
                 signs = torch.randint(0, 2, (count, self.dim), generator=generator).float() * 2 - 1
                 if self.projections == "complex":  # +-1 or +-i with equal probability: E[w conj(w)^T] = I
                     imaginary = torch.randint(0, 2, (count, self.dim), generator=generator).bool()
-                    weights[slot] = torch.complex(torch.where(imaginary, 0.0, signs), torch.where(imaginary, signs, 0.0))
+                    weights[slot] = torch.complex(signs * ~imaginary, signs * imaginary)
                 else:
                     weights[slot] = signs
         self.weights = weights

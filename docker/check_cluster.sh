@@ -5,47 +5,37 @@
 # `ray job submit`, and check from the host that both jobs SUCCEEDED, the MLflow run is FINISHED
 # with params, metrics and its model artifact, the two training workers ran in different
 # containers and only 127.0.0.1 ports are published. Containers, networks and volumes are removed
-# on exit, whatever failed. Needs a running Docker daemon, docker-compose (v1) or `docker compose`,
-# and the project's .venv (for the host's `ray` CLI and the MLflow client). From the repository root:
+# on exit, whatever failed. Images come from docker/build_image.sh (PostgreSQL from Debian's packages
+# where the official image cannot be pulled). Needs a running Docker daemon, docker-compose (v1) or
+# `docker compose`, and the project's .venv (for the host's `ray` CLI and the MLflow client). From the
+# repository root:
 #   docker/check_cluster.sh
-# MLflow runs on SQLite in its artifact volume here (docker/compose.sqlite.yaml): PostgreSQL's image
-# comes from a registry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PROJECT=macformer-check
-IMAGE=${MACFORMER_IMAGE:-macformer:0.1.0-cpu}
-BASE_IMAGE=${BASE_IMAGE:-python:3.11-slim-bookworm}
-LOCAL_BASE=macformer-local/debian-python:bookworm
-TORCH_WHEEL=${TORCH_WHEEL:-$(cd docker/context && ls torch-*.whl 2>/dev/null | head -n 1 || true)}
+IMAGE=${MACFORMER_IMAGE:-macformer:$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)-cpu}
 RAY=.venv/bin/ray
 step() { echo "== $*"; STEP="$*"; }
 trap 'status=$?; [ "$status" -ne 0 ] && echo "check_cluster: FAILED at: ${STEP:-start}" >&2; down; exit "$status"' EXIT
 
 if docker compose version >/dev/null 2>&1; then COMPOSE=(docker compose); else COMPOSE=(docker-compose); fi
-compose() { "${COMPOSE[@]}" -p "$PROJECT" -f docker/compose.yaml -f docker/compose.sqlite.yaml "$@"; }
+compose() { "${COMPOSE[@]}" -p "$PROJECT" -f docker/compose.yaml "$@"; }
 down() { compose down -v --remove-orphans >/dev/null 2>&1 || true; }
-export POSTGRES_PASSWORD=unused-with-sqlite RAY_AUTH_MODE=disabled MACFORMER_IMAGE="$IMAGE"
+POSTGRES_PASSWORD=$(.venv/bin/python -c "import secrets; print(secrets.token_hex(16))")
+export POSTGRES_PASSWORD RAY_AUTH_MODE=disabled MACFORMER_IMAGE="$IMAGE"
 
 step "docker daemon"
 docker info >/dev/null
 
-step "base image $BASE_IMAGE"
-if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1 && ! docker pull "$BASE_IMAGE" >/dev/null 2>&1; then
-    if ! docker image inspect "$LOCAL_BASE" >/dev/null 2>&1; then
-        rootfs=$(mktemp -d)
-        debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$rootfs" >/dev/null
-        tar -C "$rootfs" -c . | docker import - "$LOCAL_BASE" >/dev/null
-        rm -rf "$rootfs"
-    fi
-    BASE_IMAGE=$LOCAL_BASE
-fi
-
 step "build $IMAGE"
-build_args=(--build-arg "BASE_IMAGE=$BASE_IMAGE")
-[ -n "$TORCH_WHEEL" ] && build_args+=(--build-arg "TORCH_WHEEL=$TORCH_WHEEL")
-[ -f docker/context/ca-bundle.crt ] && build_args+=(--build-arg EXTRA_CA_CERT=ca-bundle.crt)
-docker build --quiet --force-rm --network host -f docker/Dockerfile.cpu -t "$IMAGE" "${build_args[@]}" . >/dev/null
+docker/build_image.sh cpu "$IMAGE" >/dev/null
+
+step "PostgreSQL image"
+if ! docker image inspect postgres:16.4-bookworm >/dev/null 2>&1 && ! docker pull postgres:16.4-bookworm >/dev/null 2>&1; then
+    POSTGRES_IMAGE=$(docker/build_image.sh postgres)
+    export POSTGRES_IMAGE
+fi
 
 step "cluster up (prepare: default CPUs)"
 down
