@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.config import ConfigError
+from launcher.tracking import mask_credentials, probe_tracking_server
 
 
 def _history(client, run_id: str, metric: str) -> list[float]:
@@ -13,14 +14,21 @@ def _history(client, run_id: str, metric: str) -> list[float]:
 
 
 def collect(experiment: str, tracking_uri: str) -> list[dict[str, Any]]:
-    """One row per training run of the experiment (sweep parents, which hold no model, are skipped)."""
+    """One row per training run of the experiment (sweep parents, which hold no model, are skipped).
+    A server that does not answer or a SQLite store that does not exist fails in one line, before
+    MLflow's client would retry for minutes or create an empty store."""
     import mlflow
 
+    if tracking_uri.startswith(("http://", "https://")):
+        probe_tracking_server(tracking_uri)
+    elif tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(f"no MLflow store at {tracking_uri.removeprefix('sqlite:///')}: run `macformer train` "
+                          "first, or pass the store of your runs with --tracking-uri")
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         names = ", ".join(e.name for e in client.search_experiments()) or "none"
-        raise ConfigError(f"no experiment {experiment!r} at {tracking_uri} (experiments: {names}); "
+        raise ConfigError(f"no experiment {experiment!r} at {mask_credentials(tracking_uri)} (experiments: {names}); "
                           "check --experiment and --tracking-uri")
     rows = []
     for run in client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"]):

@@ -54,6 +54,24 @@ def test_a_bug_keeps_its_traceback_and_bad_input_is_one_line(monkeypatch, capsys
     assert capsys.readouterr().err == "macformer compare: error: setting x is wrong; fix x\n"
 
 
+def test_compare_names_a_missing_store_or_server_in_one_line(tmp_path, monkeypatch, capsys) -> None:
+    """MLflow's client would retry an unreachable server for about four minutes and then raise, and
+    create an empty SQLite store where none was: both are one line, at once, with nothing written."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert main(["compare", "--experiment", "x", "--tracking-uri", f"http://user:secret@127.0.0.1:{port}"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "is unreachable" in error and "secret" not in error, error
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", "--experiment", "x"]) == 2  # the default store, ./mlflow.db, does not exist
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "no MLflow store at" in error and "run `macformer train`" in error, error
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_eval_and_generate_refuse_mismatched_inputs_in_one_line(tmp_path, listops, capsys) -> None:
     lm = _export(tmp_path / "lm", MacformerForCausalLM, vocab_size=300, max_seq_len=64, causal=True)
     tokenizer = tmp_path / "big.model"
