@@ -3,8 +3,15 @@
 Without a GPU, conftest sets TRITON_INTERPRET=1 and Triton's interpreter runs the kernels on the CPU
 with exact fp32 arithmetic; on a CUDA machine the same tests run the compiled kernels."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 from conftest import presbn_like
 
 from macformer import MacformerConfig, MacformerForCausalLM
@@ -41,6 +48,8 @@ def _outputs_and_gradients(function, inputs, cotangents):
     (40, 20, 9, 16, True),  # a partial last chunk, D and V that are not powers of two
     (33, 24, 5, 32, True),  # one chunk plus one token
     (7, 16, 3, 16, False),  # shorter than a chunk
+    (50, 70, 65, 32, True),  # the state split over tiles both ways (2 x 3), the last ones partial
+    (45, 150, 20, 128, True),  # 3 feature tiles; a model chunk above the kernels' largest
 ])
 def test_kernels_equal_the_explicit_products(length: int, dim: int, values: int, chunk: int, with_state: bool) -> None:
     generator = torch.Generator().manual_seed(length)
@@ -170,3 +179,26 @@ def test_feature_map_kernels_equal_the_pytorch_path(monkeypatch, dim: int, num_f
     torch.testing.assert_close(triton[0] / feature_scale, pytorch[0] / feature_scale, atol=1e-5, rtol=1e-4,
                                msg="features")
     torch.testing.assert_close(triton[1], pytorch[1], atol=1e-5, rtol=1e-4, msg="grad x")
+
+
+# The smallest shared memory per block among current NVIDIA GPUs (sm_86/89: 99 KB; A100 163 KB,
+# H100/H200 227 KB): a kernel under it launches on any of them.
+SHARED_MEMORY_LIMIT = 99 * 1024
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_and_fit_any_gpu_at_the_gpu_configs_sizes() -> None:
+    """The interpreter compiles nothing; this compiles every kernel for sm_90 (H100/H200) with Triton's
+    own compiler and ptxas, on the CPU, at the sizes of configs/lm_gpu.yaml. Kernels holding a whole
+    state per program needed 256-336 KB here and could not have launched."""
+    root = Path(__file__).resolve().parents[1]
+    model = yaml.safe_load((root / "configs/lm_gpu.yaml").read_text())["model"]
+    head_dim = model["d_model"] // model["num_heads"]
+    sizes = [90, model["num_features"], head_dim + 1, model["chunk_size"], head_dim]  # V: values and a ones column
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(root / "tests/triton_compile_check.py"), *map(str, sizes)],
+                            env=environment, capture_output=True, text=True, timeout=600, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    shared = json.loads(result.stdout.splitlines()[-1])
+    assert set(shared) == {"forward", "grad_query", "backward", "features", "features_backward"}
+    assert all(0 < size <= SHARED_MEMORY_LIMIT for size in shared.values()), shared

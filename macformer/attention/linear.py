@@ -165,10 +165,9 @@ def causal_linear_attention(
     *lead, length, _ = query_features.shape
     values = _with_ones(v)
     if log_gate is None and _use_triton(query_features):
-        from macformer.attention.triton_chunked import block_size, chunked_causal_products
+        from macformer.attention.triton_chunked import chunked_causal_products
 
-        out, final = chunked_causal_products(query_features, key_features, values, state,
-                                             block_size(min(chunk_size, length)))
+        out, final = chunked_causal_products(query_features, key_features, values, state, min(chunk_size, length))
         with torch.no_grad():  # z_t, for the stabiliser's floor only
             key_sums = key_features.cumsum(-2)
             if state is not None:
