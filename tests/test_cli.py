@@ -66,6 +66,7 @@ def test_compare_names_a_missing_store_or_server_in_one_line(tmp_path, monkeypat
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "is unreachable" in error and "secret" not in error, error
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # MLflow's set_tracking_uri exports it
     assert main(["compare", "--experiment", "x"]) == 2  # the default store, ./mlflow.db, does not exist
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "no MLflow store at" in error and "run `macformer train`" in error, error
