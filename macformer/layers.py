@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +23,49 @@ from macformer.ppsbn import PostSBN, PreSBN
 @dataclass
 class LayerCache:
     """Decoding memory of one attention layer: the O(D d) state S' of a feature attention, or the
-    growing keys and values of softmax / exact kernel attention."""
+    growing keys and values of softmax / exact kernel attention.
+
+    Keys and values are written into buffers with room for `capacity` tokens (generate() sizes them
+    for the prompt and every new token); appending past the room reallocates with twice as much, so a
+    token costs an amortised O(1) copy. Concatenating instead copied the whole cache at every token:
+    at 8k context that was more than half of a softmax decoding step."""
 
     state: torch.Tensor | None = None
-    keys: torch.Tensor | None = None
-    values: torch.Tensor | None = None
+    capacity: int = 0
+    length: int = 0
+    _key_buffer: torch.Tensor | None = field(default=None, repr=False)
+    _value_buffer: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """[batch, heads, length, head_dim], a view of the buffer."""
+        return None if self._key_buffer is None else self._key_buffer[:, :, : self.length]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self._value_buffer is None else self._value_buffer[:, :, : self.length]
+
+    def buffers(self) -> list[torch.Tensor]:
+        """Every tensor the cache holds (allocated room included): what decoding keeps in memory."""
+        return [t for t in (self.state, self._key_buffer, self._value_buffer) if t is not None]
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add new tokens' keys and values ([batch, heads, new, head_dim]); returns all of them so far."""
+        end = self.length + keys.shape[2]
+        if self._key_buffer is None or end > self._key_buffer.shape[2]:
+            room = max(end, self.capacity, 2 * (0 if self._key_buffer is None else self._key_buffer.shape[2]))
+            self._key_buffer = self._grown(self._key_buffer, keys, room)
+            self._value_buffer = self._grown(self._value_buffer, values, room)
+        self._key_buffer[:, :, self.length:end] = keys
+        self._value_buffer[:, :, self.length:end] = values
+        self.length = end
+        return self.keys, self.values
+
+    def _grown(self, old: torch.Tensor | None, new: torch.Tensor, room: int) -> torch.Tensor:
+        buffer = new.new_empty(*new.shape[:2], room, new.shape[-1])
+        if old is not None:
+            buffer[:, :, : self.length] = old[:, :, : self.length]
+        return buffer
 
 
 class MacformerAttention(nn.Module):
@@ -139,9 +177,7 @@ class MacformerAttention(nn.Module):
                                                             chunk_size=config.chunk_size)
         else:
             if cache is not None:
-                cache.keys = k if cache.keys is None else torch.cat([cache.keys, k], dim=2)
-                cache.values = v if cache.values is None else torch.cat([cache.values, v], dim=2)
-                k, v = cache.keys, cache.values
+                k, v = cache.append(k, v)
             out = self.spec.exact(q, k, v, config, key_padding_mask)
         out = out.transpose(1, 2).reshape(batch, length, config.d_model)
         if self.post_sbn is not None:

@@ -264,8 +264,9 @@ class MacformerForCausalLM(PreTrainedMacformer):
             )
         return ModelOutput(logits, loss)
 
-    def new_caches(self) -> list[LayerCache]:
-        return [LayerCache() for _ in range(self.config.num_layers)]
+    def new_caches(self, capacity: int = 0) -> list[LayerCache]:
+        """Empty decoding caches, one per layer; `capacity`: tokens a KV cache makes room for at once."""
+        return [LayerCache(capacity=capacity) for _ in range(self.config.num_layers)]
 
     @torch.no_grad()
     def generate(
@@ -284,7 +285,7 @@ class MacformerForCausalLM(PreTrainedMacformer):
         was_training = self.training
         self.eval()  # frozen features and no dropout while the caches are built
         try:
-            caches = self.new_caches()
+            caches = self.new_caches(capacity=input_ids.shape[1] + max_new_tokens)
             logits = self.lm_head(self.model(input_ids, caches=caches))[:, -1]
             tokens, finished = [input_ids], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
             position = input_ids.shape[1]

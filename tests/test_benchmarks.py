@@ -105,6 +105,9 @@ def test_decoding_at_a_tiny_size(tmp_path) -> None:
     softmax = [r for r in rows if r["attention"] == "softmax"]
     # The recurrent state has one size whatever the context; the KV cache grows with it.
     assert rmfa[0]["state_mib"] == rmfa[1]["state_mib"] and softmax[1]["state_mib"] > softmax[0]["state_mib"]
+    for r, base in zip(rmfa, softmax, strict=True):  # the ceiling: the KV cache's time over the weight reads alone
+        assert r["linear_layers_ms"] > 0
+        assert r["speedup_ceiling"] == pytest.approx(base["ms_per_token"] / r["linear_layers_ms"])
     assert (tmp_path / "decoding.png").stat().st_size > 0
 
 

@@ -6,6 +6,7 @@ import torch
 
 from macformer import MacformerConfig, MacformerForCausalLM, MacformerForSequenceClassification
 from macformer.features import FeatureMap
+from macformer.layers import LayerCache
 from macformer.models import MacformerModel
 from macformer.registry import ATTENTIONS
 
@@ -51,6 +52,24 @@ def test_incremental_decoding_matches_the_full_forward(attention: str, overrides
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
     if ATTENTIONS[attention].features is not None:  # constant-size recurrent state, no KV cache
         assert all(c.keys is None and c.state.shape[-2:] == (48, 17) for c in caches)
+
+
+def test_kv_cache_appends_in_place_and_grows_by_doubling() -> None:
+    cache = LayerCache(capacity=4)
+    pieces = [torch.randn(2, 3, n, 5) for n in (3, 1, 1, 2, 1, 1, 1, 1, 1)]
+    rooms = []
+    for piece in pieces:
+        keys, values = cache.append(piece, -piece)
+        rooms.append(cache.buffers()[0].shape[2])
+        torch.testing.assert_close(keys, torch.cat(pieces[: len(rooms)], dim=2), rtol=0, atol=0)
+        torch.testing.assert_close(values, -keys, rtol=0, atol=0)
+    assert rooms == [4, 4, 8, 8, 8, 16, 16, 16, 16] and cache.length == 12
+    sized = LayerCache(capacity=12)
+    storage = None
+    for piece in pieces:  # sized for everything up front: one allocation, written in place
+        sized.append(piece, piece)
+        storage = storage or sized.keys.untyped_storage().data_ptr()
+        assert sized.keys.untyped_storage().data_ptr() == storage
 
 
 def test_generate_greedy_follows_argmax_and_stops_at_eos() -> None:
