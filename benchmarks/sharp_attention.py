@@ -40,6 +40,8 @@ VARIANTS: dict[str, dict] = {
     "rmfa-exp-bound-1.4": {"attention": "rmfa", "ppsbn_max_temperature": 1.4},
     "rmfa-exp-bound-2": {"attention": "rmfa", "ppsbn_max_temperature": 2.0},
     "rmfa-exp-redraw-1": {"attention": "rmfa", "feature_redraw_interval": 1},
+    "rmfa-exp-redraw-1-bound-1.2": {"attention": "rmfa", "feature_redraw_interval": 1, "ppsbn_max_temperature": 1.2},
+    "rmfa-exp-redraw-1-bound-2": {"attention": "rmfa", "feature_redraw_interval": 1, "ppsbn_max_temperature": 2.0},
     "rmfa-exp-D512": {"attention": "rmfa", "num_features": 512},
     "rmfa-exp-paper-temperature": {"attention": "rmfa", "ppsbn_initial_temperature": 32**-0.5,
                                    "ppsbn_temperature_lr_scale": 1.0},
@@ -132,10 +134,11 @@ def train_variant(task: str, variant: str, seed: int, data: tuple[dict, dict, di
     row = {"task": task, "variant": variant, "seed": seed, "metric": "accuracy" if task == "listops" else "perplexity",
            "best": best(p["metric"] for p in curve), "seconds": time.perf_counter() - started,
            "final_temperature": final.get("attention_temperature"), "final_entropy": final["attention_entropy"],
-           "final_approx_error": final["attention_approx_error"], "curve": curve}
+           "final_approx_error": final["attention_approx_error"],
+           "final_fresh_draw_error": final.get("attention_fresh_draw_error"), "curve": curve}
     print(f"{task} {variant} seed {seed}: best {row['metric']} {row['best']:.4g}, temperature "
           f"{row['final_temperature']}, entropy {row['final_entropy']:.3f}, error {row['final_approx_error']:.3g} "
-          f"({row['seconds']:.0f} s)", flush=True)
+          f"(fresh draw {row['final_fresh_draw_error'] or 0:.3g}) ({row['seconds']:.0f} s)", flush=True)
     return row
 
 

@@ -38,6 +38,7 @@ def collect(experiment: str, tracking_uri: str) -> list[dict[str, Any]]:
         run_id = run.info.run_id
         accuracy, perplexity = _history(client, run_id, "eval_accuracy"), _history(client, run_id, "eval_perplexity")
         speed, error = _history(client, run_id, "tokens_per_s"), _history(client, run_id, "attention_approx_error")
+        fresh_error = _history(client, run_id, "attention_fresh_draw_error")
         memory = _history(client, run_id, "peak_memory_mb")
         temperature, entropy = _history(client, run_id, "attention_temperature"), _history(client, run_id,
                                                                                            "attention_entropy")
@@ -52,6 +53,7 @@ def collect(experiment: str, tracking_uri: str) -> list[dict[str, Any]]:
             # The first step includes warm-up (allocation, first all-reduce): leave it out of the mean.
             "tokens_per_s": sum(speed[1:]) / len(speed[1:]) if len(speed) > 1 else (speed[0] if speed else None),
             "approx_error": error[-1] if error else None,
+            "fresh_draw_error": fresh_error[-1] if fresh_error else None,
             # Attention health at the last evaluation: a flat attention shows as entropy near 1.
             "temperature": temperature[-1] if temperature else None,
             "entropy": entropy[-1] if entropy else None,
@@ -68,7 +70,7 @@ def _cell(value: Any) -> str:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     columns = ["run", "variant", "num_features", "ppsbn", "steps", "best_accuracy", "best_perplexity",
-               "tokens_per_s", "peak_memory_mb", "approx_error", "temperature", "entropy", "status"]
+               "tokens_per_s", "peak_memory_mb", "approx_error", "fresh_draw_error", "temperature", "entropy", "status"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
     return "\n".join(lines)

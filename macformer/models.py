@@ -169,7 +169,7 @@ class MacformerModel(PreTrainedMacformer):
                 hook.remove()
         metrics = {f"attention/layer{i}/{name}": value for i, layer in enumerate(per_layer)
                    for name, value in layer.items()}
-        for name in ("temperature", "entropy", "max_abs_qk", "approx_error", "stabilised_rows"):
+        for name in ("temperature", "entropy", "max_abs_qk", "approx_error", "fresh_draw_error", "stabilised_rows"):
             values = [layer[name] for layer in per_layer if name in layer]
             if values or name == "approx_error":
                 metrics[f"attention_{name}"] = sum(values) / len(values) if values else 0.0

@@ -376,7 +376,32 @@ def test_attention_health_measures_sharpness_and_the_estimate() -> None:
     assert flat["attention_approx_error"] < health["attention_approx_error"]
     exact = _lm("kernel").eval().model.attention_health(tokens)
     assert exact["attention_approx_error"] == 0.0 and "attention_stabilised_rows" not in exact
+    assert "attention_fresh_draw_error" not in exact and health["attention_fresh_draw_error"] > 0
     assert "attention_temperature" not in _lm("softmax").eval().model.attention_health(tokens)
+
+
+def test_fresh_draw_error_exposes_queries_and_keys_fitted_to_one_draw() -> None:
+    torch.manual_seed(0)
+    model = _lm("rmfa", num_features=64).eval()
+    attention = model.model.blocks[0].attention
+    x = torch.randn(2, 24, 32)
+    before = attention.health(x)
+    assert 0.3 < before["approx_error"] / before["fresh_draw_error"] < 3  # two draws alike
+    # Fit q and k to this draw's errors, as training can: adversarially, on the denominators.
+    optimizer = torch.optim.Adam([attention.qkv.weight], lr=0.05)
+    for _ in range(50):
+        q, k, _ = attention._project(x)
+        estimate = (attention.feature_map(q, is_query=True) @ attention.feature_map(k).transpose(-1, -2)).tril()
+        exact = (q @ k.transpose(-1, -2)).exp().tril()
+        loss = -((estimate.sum(-1) - exact.sum(-1)) / exact.sum(-1)).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = attention.health(x)
+    assert after["approx_error"] > 4 * after["fresh_draw_error"] and after["approx_error"] > 4 * before["approx_error"]
+    assert after["fresh_draw_error"] < 2 * before["fresh_draw_error"]
+    learned = _lm("random_features", component="oprf", weights="fastfood_learned").eval()
+    assert "fresh_draw_error" not in learned.model.blocks[0].attention.health(x)
 
 
 def test_stabilised_rows_flags_exactly_the_floored_denominators() -> None:

@@ -51,6 +51,11 @@ class FeatureMap(nn.Module):
     def _buffers_changed(self) -> None:
         """Hook for maps that cache structure derived from their buffers (after a draw, a load or a move)."""
 
+    @property
+    def redrawable(self) -> bool:
+        """Whether the map's weights are random draws (False where they are trained)."""
+        return True
+
     @torch.no_grad()
     def redraw(self) -> None:
         """Draw new random weights (the next draw of this map's seeded sequence)."""

@@ -146,6 +146,10 @@ class SpectralFeatures(FeatureMap):
     def _draw(self, generator: torch.Generator) -> None:
         self._set_buffer("weights", self.sampler(self.num_rows, self.dim, generator))
 
+    @property
+    def redrawable(self) -> bool:
+        return not self.learned_weights
+
     def redraw(self) -> None:
         if self.learned_weights:
             raise RuntimeError(f"weights={self.weights_name!r} are trained, not redrawn")
