@@ -42,14 +42,15 @@ def presbn_like(shape: tuple[int, ...], scale: float | None = None) -> torch.Ten
 
 def init_session_ray() -> None:
     """The tests' local Ray: 2 CPUs on 127.0.0.1, no auth token; its workers sample MLflow's system
-    metrics every second (short test runs end before the default 10 s)."""
+    metrics every 0.1 s (on an idle machine a test run can end within a second, and MLflow logs no
+    sample of a run that ends within its first interval)."""
     import ray
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"],
-                                       "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}})
+                                       "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.1"}})
 
 
 @pytest.fixture(scope="session")
