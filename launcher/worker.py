@@ -115,7 +115,9 @@ def _export(engine, config: TrainConfig, rank: int, tracker) -> None:
 
 def _log_curves(tracker, num_layers: int) -> None:
     """Plot artifacts of the run: training and evaluation loss, and each layer's attention health
-    (ppSBN temperature, entropy of the exact attention: 1 = uniform) over steps."""
+    (ppSBN temperature, entropy of the exact attention: 1 = uniform, and for random features the
+    error of the model's draw next to that of fresh draws: far apart, the model has fitted its draw)
+    over steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,18 +136,29 @@ def _log_curves(tracker, num_layers: int) -> None:
     tracker.log_figure(figure, "plots/loss.png")
     plt.close(figure)
 
-    figure, panels = plt.subplots(1, 2, figsize=(10, 4))
-    for panel, name, label in ((panels[0], "temperature", "ppSBN temperature (bound on |q.k|)"),
-                               (panels[1], "entropy", "attention entropy / log(keys)")):
+    figure, panels = plt.subplots(1, 3, figsize=(15, 4))
+    curves = (
+        (panels[0], "temperature", "ppSBN temperature (bound on |q.k|)"),
+        (panels[1], "entropy", "attention entropy / log(keys)"),
+        (panels[2], "approx_error", "attention error: model's draw (-), fresh draws (--)"),
+        (panels[2], "fresh_draw_error", None),
+    )
+    for panel, name, label in curves:
         for layer in range(num_layers):
             points = tracker.history(f"attention/layer{layer}/{name}")
             if points:
-                panel.plot(*zip(*points, strict=True), marker=".", label=f"layer {layer}")
+                fresh = name == "fresh_draw_error"
+                panel.plot(*zip(*points, strict=True), marker=".", linestyle="--" if fresh else "-",
+                           color=f"C{layer}", label=None if fresh else f"layer {layer}")
+        if label is None:
+            continue
         panel.set_xlabel("step")
         panel.set_ylabel(label)
         panel.grid(alpha=0.3)
         if panel.has_data():
             panel.legend(fontsize=8)
+    if panels[2].has_data():
+        panels[2].set_yscale("log")
     figure.tight_layout()
     tracker.log_figure(figure, "plots/attention.png")
     plt.close(figure)
