@@ -42,10 +42,15 @@ GLIBC_TUNABLES = (f"glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold={MMAP_T
                   f"glibc.malloc.trim_threshold={TRIM_THRESHOLD_BYTES}")
 
 
+def _glibc() -> ctypes.CDLL | None:
+    return ctypes.CDLL(None) if platform.libc_ver()[0] == "glibc" else None
+
+
 def _set_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
-    if platform.libc_ver()[0] != "glibc":
+    libc = _glibc()
+    if libc is None:
         return False
-    mallopt = ctypes.CDLL(None).mallopt
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
 
@@ -67,9 +72,15 @@ def reuse_freed_host_memory(enabled: bool = True) -> bool:
 def large_allocations_mapped_fresh() -> Iterator[None]:
     """Within the block, large allocations are mapped fresh and unmapped on free, so the resident set
     follows the live tensors (what a peak-memory measurement wants: with reuse on, a freed block that
-    the next allocation does not fit stays resident beside it); the previous setting after."""
+    the next allocation does not fit stays resident beside it); the previous setting after. Memory
+    freed before the block is handed back to the kernel on entry: malloc serves a request from a free
+    chunk of its heap before it maps fresh pages, whatever the thresholds, so without the trim a
+    tensor inside the block could reuse pages that were already resident and go uncounted."""
     previous = _reusing
     reuse_freed_host_memory(False)
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
     try:
         yield
     finally:

@@ -11,20 +11,20 @@ from macformer.host_memory import process_environment
 needs_glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                                  reason="glibc's malloc")
 
-# Median page faults of 20 calls of `x * 2` (a fresh result of x's size each time), run in a process of
-# its own: the settings are process-wide and the test process may have them already.
+# Page faults of one call of `x * 2` (a fresh result of x's size), or their median over 20 calls, run in a
+# process of its own: the settings are process-wide and the test process may have them already.
 MEDIAN_FAULTS = """
 import json, resource, statistics, threading, torch
 from macformer.host_memory import large_allocations_mapped_fresh, reuse_freed_host_memory
 
+def faults(x):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    y = x * 2
+    del y
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
 def median_faults(x):
-    counts = []
-    for _ in range(20):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        y = x * 2
-        del y
-        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    return statistics.median(counts)
+    return statistics.median(faults(x) for _ in range(20))
 """
 
 
@@ -48,7 +48,7 @@ default = median_faults(x)
 applied = reuse_freed_host_memory()
 reused = median_faults(x)
 with large_allocations_mapped_fresh():
-    fresh = median_faults(x)
+    fresh = faults(x)
 print(json.dumps({"default": default, "applied": applied, "reused": reused, "fresh": fresh,
                   "reused_after": median_faults(x), "again": reuse_freed_host_memory()}))
 """)
@@ -56,7 +56,10 @@ print(json.dumps({"default": default, "applied": applied, "reused": reused, "fre
     assert result["default"] > 0.9 * pages, result  # glibc's default: every large tensor from fresh pages
     assert result["applied"] and result["again"], result  # applied, and idempotent
     assert result["reused"] < 0.01 * pages and result["reused_after"] < 0.01 * pages, result
-    assert result["fresh"] > 0.9 * pages, result  # for a peak-memory measurement: the live tensors' pages only
+    # For a peak-memory measurement: the memory freed before the block is not resident, so the first
+    # tensor inside it faults in all its pages (later ones may reuse its chunk when the heap is
+    # fragmented: malloc prefers a free chunk to a fresh mapping).
+    assert result["fresh"] > 0.9 * pages, result
 
 
 @needs_glibc
