@@ -48,7 +48,9 @@ class PreTrainedMacformer(nn.Module):
         self.config = config
 
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        if isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=self.config.embedding_init_std)
+        elif isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)

@@ -194,6 +194,8 @@ def test_model_trains_finite_at_16k_tokens_in_bf16() -> None:
         ({"chunk_size": 0}, "chunk_size"),
         ({"num_features": 32, "d_model": 64, "num_heads": 2}, "more than head_dim \\+ 1 = 33"),
         ({"constant_feature": False}, "linear_features"),
+        ({"embedding_init_std": 0}, "embedding_init_std: expected a positive number"),
+        ({"embedding_init_std": float("inf")}, "embedding_init_std: expected a positive number"),
     ],
 )
 def test_config_rejects_bad_values(kwargs: dict, message: str) -> None:
@@ -269,25 +271,38 @@ def test_config_rejects_bad_temperatures(kwargs: dict, message: str) -> None:
         MacformerConfig(**kwargs)
 
 
+@pytest.mark.parametrize(("causal", "tied", "std"), [(False, True, 1.0), (True, True, 0.02), (True, False, 1.0)])
+def test_embeddings_start_at_unit_scale_unless_shared_with_an_lm_head(causal: bool, tied: bool, std: float) -> None:
+    config = MacformerConfig(causal=causal, tie_embeddings=tied, num_classes=None if causal else 3, vocab_size=500)
+    assert config.embedding_init_std == std  # resolved and stored
+    model = (MacformerForCausalLM if causal else MacformerForSequenceClassification)(config)
+    trunk = model.trunk
+    for embedding in (trunk.token_embedding, trunk.position_embedding):
+        assert float(embedding.weight.std()) == pytest.approx(std, rel=0.05)
+    assert float(trunk.blocks[0].attention.qkv.weight.std()) == pytest.approx(0.02, rel=0.05)
+
+
 def test_models_saved_before_the_temperature_scheme_load_and_reproduce(tmp_path) -> None:
     # A model saved by the earlier code: its config.json has no ppsbn_initial_temperature or lr scale,
-    # and an unresolved bound that meant 0.99 / sqrt(p) for inverse (2.0 for exp).
+    # and an unresolved bound that meant 0.99 / sqrt(p) for inverse (2.0 for exp); no
+    # embedding_init_std either (its embeddings started at 0.02).
     for kernel, legacy_bound in (("inverse", 0.99 / 2**0.5), ("exp", 2.0)):
         legacy = MacformerConfig(attention="rmfa", kernel=kernel, causal=True, vocab_size=VOCAB, d_model=32,
                                  num_features=48, ppsbn_max_temperature=legacy_bound,
-                                 ppsbn_initial_temperature=min(16**-0.5, legacy_bound / 2))
+                                 ppsbn_initial_temperature=min(16**-0.5, legacy_bound / 2), embedding_init_std=0.02)
         model = MacformerForCausalLM(legacy).eval()
         with torch.no_grad():
             model.model.blocks[0].attention.pre_sbn.temperature_logit.add_(0.3)  # trained away from its start
         model.save_pretrained(tmp_path / kernel)
         payload = json.loads((tmp_path / kernel / "config.json").read_text())
-        for key in ("ppsbn_initial_temperature", "ppsbn_temperature_lr_scale"):
+        for key in ("ppsbn_initial_temperature", "ppsbn_temperature_lr_scale", "embedding_init_std"):
             del payload["config"][key]
         payload["config"]["ppsbn_max_temperature"] = None
         (tmp_path / kernel / "config.json").write_text(json.dumps(payload))
         loaded = MacformerForCausalLM.from_pretrained(tmp_path / kernel).eval()
         assert loaded.config.ppsbn_max_temperature == pytest.approx(legacy_bound)
         assert loaded.config.ppsbn_temperature_lr_scale == 1.0
+        assert loaded.config.embedding_init_std == 0.02  # what it was initialised with
         tokens = torch.randint(0, VOCAB, (2, 20))
         torch.testing.assert_close(loaded(tokens).logits, model(tokens).logits)
 
@@ -446,3 +461,52 @@ def test_an_attention_is_added_by_one_registry_entry(monkeypatch) -> None:
     out = attention.out(expected.transpose(1, 2).reshape(2, 12, -1))
     torch.testing.assert_close(attention(x), out, atol=1e-5, rtol=1e-5)
     assert logits.isfinite().all()
+
+
+@pytest.mark.slow
+def test_unit_scale_embeddings_keep_a_flat_attention_classifier_learning() -> None:
+    # Small ListOps, default Macformer (RMFA in ppSBN, near-uniform attention at its temperature bound).
+    # With embeddings at 0.02 the blocks' additions, nearly the same for every token, drown the tokens:
+    # the last layer's inputs collapse onto one direction and accuracy stays near the majority class.
+    from pipelines import listops
+
+    spec = listops.ListOpsSpec(max_depth=3, min_length=16, max_length=48)
+
+    def split(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = list(listops.generate(count, seed, spec))
+        ids = torch.zeros(count, spec.max_length, dtype=torch.long)
+        for index, (tokens, _) in enumerate(rows):
+            encoded = listops.encode(tokens)
+            ids[index, : len(encoded)] = torch.tensor(encoded)
+        return ids, (ids != 0).long(), torch.tensor([label for _, label in rows])
+
+    train, valid = split(2000, 1), split(256, 2)
+    majority = float(torch.bincount(valid[2]).max()) / len(valid[2])
+
+    def trained(std: float | None) -> tuple[float, float]:
+        torch.manual_seed(1)
+        config = MacformerConfig(num_classes=listops.NUM_CLASSES, vocab_size=len(listops.VOCAB),
+                                 max_seq_len=spec.max_length, embedding_init_std=std, seed=1)
+        model = MacformerForSequenceClassification(config)
+        optimizer = torch.optim.AdamW(model.optimizer_groups(2e-3, weight_decay=0.01))
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(150):
+            rows = torch.randint(0, len(train[0]), (32,), generator=generator)
+            loss = model(train[0][rows], train[1][rows], labels=train[2][rows]).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        caught = []
+        model.trunk.blocks[-1].attention.register_forward_pre_hook(lambda module, args: caught.append(args[0]))
+        with torch.no_grad():
+            model.eval()
+            accuracy = float((model(valid[0], valid[1]).logits.argmax(-1) == valid[2]).float().mean())
+        real = caught[0][valid[1].bool()]
+        directions = torch.nn.functional.normalize(real - real.mean(-1, keepdim=True), dim=-1)
+        return accuracy, float((directions @ directions.T).mean())
+
+    assert MacformerConfig(num_classes=2).embedding_init_std == 1.0
+    tiny_accuracy, tiny_cosine = trained(0.02)
+    accuracy, cosine = trained(None)
+    assert tiny_cosine > 0.9 and tiny_accuracy < majority + 0.06, (tiny_cosine, tiny_accuracy, majority)
+    assert cosine < tiny_cosine - 0.2 and accuracy > majority + 0.12, (cosine, accuracy, majority)
