@@ -50,6 +50,12 @@ VARIANTS: dict[str, dict] = {
     "rmfa-sqrt": {"attention": "rmfa", "kernel": "sqrt"},
     "rmfa-exp-no-ppsbn": {"attention": "rmfa", "ppsbn": False},
     "favor-ppsbn": {"attention": "favor", "ppsbn": True},
+    # Control: exact attention held near-uniform (|q . k| <= 0.02, weights within 4% of each other).
+    "uniform-attention": {"attention": "kernel", "ppsbn_max_temperature": 0.02, "ppsbn_initial_temperature": 0.01,
+                          "ppsbn_learnable_temperature": False},
+    # Embeddings at the 0.02 of GPT-2 (the default before issue #13's fix) instead of 1.
+    "rmfa-exp-embedding-0.02": {"attention": "rmfa", "embedding_init_std": 0.02},
+    "softmax-embedding-0.02": {"attention": "softmax", "embedding_init_std": 0.02},
 }
 MODEL = {"d_model": 64, "num_layers": 2, "num_heads": 2, "d_ff": 128, "num_features": 128}
 LISTOPS_SPEC = listops.ListOpsSpec(max_depth=5, min_length=16, max_length=128)

@@ -27,11 +27,13 @@ The temperature scheme, chosen by measurement (benchmarks/RESULTS.md, "Sharp att
   at D = 1024). For radius-1 kernels it is also at most 0.95 / sqrt(3 p): with P(n) ∝ p^-n the
   variance is finite for every pair only where 3 p t^2 < 1 (0.41 at p = 2), which caps how sharp
   they can be (inverse: weights within (1 + t) / (1 - t) = 2.2x).
-  Within the bound a fresh draw is accurate on ListOps' hidden states (0.4-2% error), but training
-  fits q and k to the one draw it sees: on six of eight seeds the trained draw ends 3-37x off, with
-  10-22% of the rows' denominators on the stabiliser's floor (`fresh_draw_error` in the attention
-  health shows it), and the seeds that learn are among them. Redrawing every step prevents that but
-  learns less often (2 of 8 at this bound or at 1.2, against 4 of 8), so draws stay fixed by default.
+  Within the bound a fresh draw is accurate on ListOps' hidden states (0.4-4% error), but training
+  fits q and k to the one draw it sees: the trained draw ends 1-8x off (`fresh_draw_error` in the
+  attention health shows it), so draws stay fixed by default and the model is evaluated with its own.
+- What kept the default Macformer at the majority class on half of the ListOps seeds was not this
+  bound but the embeddings' initial scale (`MacformerConfig.embedding_init_std`): with them at 1 it
+  learns on every seed measured, as does exact attention held at the same bound, and so does
+  attention held near-uniform (t = 0.01) nearly as well at that budget.
 """
 
 from __future__ import annotations
