@@ -56,6 +56,9 @@ VARIANTS: dict[str, dict] = {
     # Embeddings at the 0.02 of GPT-2 (the default before issue #13's fix) instead of 1.
     "rmfa-exp-embedding-0.02": {"attention": "rmfa", "embedding_init_std": 0.02},
     "softmax-embedding-0.02": {"attention": "softmax", "embedding_init_std": 0.02},
+    # LM: an output layer of its own, so the embeddings start at 1 (tied ones stay at 0.02).
+    "softmax-untied": {"attention": "softmax", "tie_embeddings": False},
+    "rmfa-exp-untied": {"attention": "rmfa", "tie_embeddings": False},
 }
 MODEL = {"d_model": 64, "num_layers": 2, "num_heads": 2, "d_ff": 128, "num_features": 128}
 LISTOPS_SPEC = listops.ListOpsSpec(max_depth=5, min_length=16, max_length=128)

@@ -16,8 +16,8 @@ from macformer.registry import ATTENTIONS, AttentionSpec
 
 POOLINGS = ("mean", "cls")
 EMBEDDING_INIT_STD = 1.0
-# Embeddings shared with a causal LM's output layer, and every config saved before the field existed.
-TIED_EMBEDDING_INIT_STD = 0.02
+# What every config saved before embedding_init_std existed used.
+LEGACY_EMBEDDING_INIT_STD = 0.02
 
 
 def _fail(name: str, value: Any, expected: str) -> None:
@@ -62,13 +62,14 @@ class MacformerConfig:
     causal: causal attention (language modelling); chunk_size: tokens per chunk of causal feature attention.
     embedding_init_std: standard deviation of the token and position embeddings at initialisation
     (linear layers start at 0.02). None (default) resolves to 1 (PyTorch's nn.Embedding default), or to
-    0.02 for a causal LM whose output layer shares the token embeddings (tie_embeddings), where 1 would
-    start every logit at a standard deviation of sqrt(d_model): softmax's byte-level LM perplexity
-    after 300 steps was 15.8 / 17.8 against 10.0 / 10.4 at 0.02. At 0.02 an encoder's embeddings are
-    soon drowned in the residual stream by what the blocks add, and where attention is near-uniform
-    (ppSBN's bounded temperature) that addition is the same for every token: the tokens' hidden
-    states collapse onto one direction, the encoder's gradients vanish, and RMFA stayed at the majority
-    class on ListOps for 2000 steps (benchmarks/RESULTS.md, issue #13).
+    d_model^-1/2 for a causal LM whose output layer shares the token embeddings (tie_embeddings), so
+    that its logits start at unit scale (at 1 they would start at sqrt(d_model): softmax's byte-level
+    LM perplexity after 300 steps was 15.8 / 17.8). GPT-2's 0.02, used before, is too small for a small
+    model: its embeddings are soon drowned in the residual stream by what the blocks add, and where
+    attention is near-uniform (ppSBN's bounded temperature) that addition is the same for every token,
+    so the tokens' hidden states collapse onto one direction and the encoder's gradients vanish. RMFA
+    stayed at the majority class on ListOps for 2000 steps on one seed, and its LM perplexity was 3.2%
+    behind softmax's instead of 1.9% (benchmarks/RESULTS.md, issue #13).
     """
 
     vocab_size: int = 256
@@ -123,7 +124,7 @@ class MacformerConfig:
             _fail("dropout", self.dropout, "a probability in [0, 1)")
         if self.embedding_init_std is None:
             tied = self.causal and self.tie_embeddings
-            object.__setattr__(self, "embedding_init_std", TIED_EMBEDDING_INIT_STD if tied else EMBEDDING_INIT_STD)
+            object.__setattr__(self, "embedding_init_std", self.d_model**-0.5 if tied else EMBEDDING_INIT_STD)
         std = self.embedding_init_std
         if isinstance(std, bool) or not (isinstance(std, (int, float)) and math.isfinite(std) and std > 0):
             _fail("embedding_init_std", std, "a positive number")
@@ -276,7 +277,7 @@ class MacformerConfig:
         kernels, 0.99 radius / sqrt(p) otherwise, starting at min(head_dim^-1/2, bound / 2), with no
         learning-rate multiplier; they are resolved so, and their models reproduce their outputs.
         Configs without embedding_init_std were initialised at 0.02 (retraining one starts the same)."""
-        data = {"embedding_init_std": TIED_EMBEDDING_INIT_STD, **data}
+        data = {"embedding_init_std": LEGACY_EMBEDDING_INIT_STD, **data}
         if "ppsbn_initial_temperature" in data:
             return cls.from_dict(data)
         config = cls.from_dict({**data, "ppsbn_temperature_lr_scale": 1.0})

@@ -271,8 +271,8 @@ def test_config_rejects_bad_temperatures(kwargs: dict, message: str) -> None:
         MacformerConfig(**kwargs)
 
 
-@pytest.mark.parametrize(("causal", "tied", "std"), [(False, True, 1.0), (True, True, 0.02), (True, False, 1.0)])
-def test_embeddings_start_at_unit_scale_unless_shared_with_an_lm_head(causal: bool, tied: bool, std: float) -> None:
+@pytest.mark.parametrize(("causal", "tied", "std"), [(False, True, 1.0), (True, True, 64**-0.5), (True, False, 1.0)])
+def test_embeddings_start_at_unit_scale_or_with_unit_scale_logits(causal: bool, tied: bool, std: float) -> None:
     config = MacformerConfig(causal=causal, tie_embeddings=tied, num_classes=None if causal else 3, vocab_size=500)
     assert config.embedding_init_std == std  # resolved and stored
     model = (MacformerForCausalLM if causal else MacformerForSequenceClassification)(config)
@@ -280,6 +280,9 @@ def test_embeddings_start_at_unit_scale_unless_shared_with_an_lm_head(causal: bo
     for embedding in (trunk.token_embedding, trunk.position_embedding):
         assert float(embedding.weight.std()) == pytest.approx(std, rel=0.05)
     assert float(trunk.blocks[0].attention.qkv.weight.std()) == pytest.approx(0.02, rel=0.05)
+    if causal and tied:  # the output layer is the token embedding: the first logits have about unit scale
+        logits = model(torch.randint(0, 500, (4, 64))).logits
+        assert 0.7 < float(logits.std()) < 1.4
 
 
 def test_models_saved_before_the_temperature_scheme_load_and_reproduce(tmp_path) -> None:
