@@ -6,8 +6,10 @@ recorded at every evaluation.
 Every variant uses the same model (2 layers, d_model 64, 2 heads, D=128) and the same recipe (AdamW
 through `optimizer_groups`, learning rate 2e-3, weight decay 0.01, batch 32); softmax attention
 without ppSBN is the baseline. ListOps is generated in memory (depth 5, 16-128 tokens, 4000 train /
-512 valid examples): a task that needs sharp attention to distant operators. The LM reads the
-stdlib's sources as bytes (every 20th file held out for validation).
+512 valid examples). The LM reads the stdlib's sources as bytes (every 20th file held out for
+validation). Position recall (causal, scored on the answer only): `--recall-positions` random value
+tokens, then a token naming one of the positions, then the value found there; attention held
+near-uniform cannot do it, so it measures the sharpness that ListOps at this budget does not need.
 
     python -m benchmarks.sharp_attention --tasks listops lm --seeds 0 1 --steps 600
 """
@@ -62,6 +64,8 @@ VARIANTS: dict[str, dict] = {
 }
 MODEL = {"d_model": 64, "num_layers": 2, "num_heads": 2, "d_ff": 128, "num_features": 128}
 LISTOPS_SPEC = listops.ListOpsSpec(max_depth=5, min_length=16, max_length=128)
+RECALL_VALUES = 16
+ACCURACY_TASKS = ("listops", "recall")
 
 
 def listops_split(count: int, seed: int) -> dict[str, torch.Tensor]:
@@ -82,12 +86,30 @@ def lm_split(files: list[str], seq_len: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": ids}
 
 
+def recall_split(count: int, positions: int, seed: int) -> dict[str, torch.Tensor]:
+    """Rows of `positions` values in [0, RECALL_VALUES), the token RECALL_VALUES + i naming position i,
+    and the value at i; labels ignore (-100) everything but that last token."""
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, RECALL_VALUES, (count, positions), generator=generator)
+    asked = torch.randint(0, positions, (count,), generator=generator)
+    answer = values[torch.arange(count), asked]
+    ids = torch.cat([values, (RECALL_VALUES + asked)[:, None], answer[:, None]], 1)
+    labels = torch.full_like(ids, -100)
+    labels[:, -1] = answer
+    return {"input_ids": ids, "labels": labels}
+
+
 def load_task(task: str, args: argparse.Namespace) -> tuple[dict, dict, dict]:
     """(train split, validation split, model settings) of a task."""
     if task == "listops":
         settings = {"vocab_size": len(listops.VOCAB), "num_classes": listops.NUM_CLASSES,
                     "max_seq_len": LISTOPS_SPEC.max_length}
         return listops_split(args.listops_train, 1), listops_split(args.listops_valid, 2), settings
+    if task == "recall":
+        positions = args.recall_positions
+        settings = {"vocab_size": RECALL_VALUES + positions, "causal": True, "max_seq_len": positions + 2}
+        return (recall_split(args.recall_train, positions, 1), recall_split(args.listops_valid, positions, 2),
+                settings)
     files = stdlib_files(args.lm_files)
     train = lm_split([f for i, f in enumerate(files) if i % 20], args.lm_seq_len)
     valid = lm_split(files[::20], args.lm_seq_len)
@@ -97,7 +119,7 @@ def load_task(task: str, args: argparse.Namespace) -> tuple[dict, dict, dict]:
 
 @torch.no_grad()
 def evaluate(model, task: str, valid: dict, batch_size: int) -> float:
-    """Accuracy (ListOps) or perplexity (LM) on the whole validation split."""
+    """Accuracy (ListOps, recall) or perplexity (LM) on the whole validation split."""
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(valid["input_ids"]), batch_size):
@@ -106,11 +128,13 @@ def evaluate(model, task: str, valid: dict, batch_size: int) -> float:
         size = len(batch["input_ids"])
         if task == "listops":
             total += float((output.logits.argmax(-1) == batch["labels"]).sum())
+        elif task == "recall":  # the logits before the last token predict it
+            total += float((output.logits[:, -2].argmax(-1) == batch["input_ids"][:, -1]).sum())
         else:
             total += float(output.loss) * size
         count += size
     model.train()
-    return total / count if task == "listops" else math.exp(min(total / count, 50.0))
+    return total / count if task in ACCURACY_TASKS else math.exp(min(total / count, 50.0))
 
 
 def train_variant(task: str, variant: str, seed: int, data: tuple[dict, dict, dict], args: argparse.Namespace
@@ -138,9 +162,10 @@ def train_variant(task: str, variant: str, seed: int, data: tuple[dict, dict, di
             point.update({k: v for k, v in health.items() if k.startswith("attention_")})
             point.update({k: v for k, v in health.items() if k.endswith("/temperature")})
             curve.append(point)
-    best = max if task == "listops" else min
+    best = max if task in ACCURACY_TASKS else min
     final = curve[-1]
-    row = {"task": task, "variant": variant, "seed": seed, "metric": "accuracy" if task == "listops" else "perplexity",
+    metric = "accuracy" if task in ACCURACY_TASKS else "perplexity"
+    row = {"task": task, "variant": variant, "seed": seed, "metric": metric,
            "best": best(p["metric"] for p in curve), "seconds": time.perf_counter() - started,
            "final_temperature": final.get("attention_temperature"), "final_entropy": final["attention_entropy"],
            "final_approx_error": final["attention_approx_error"],
@@ -170,7 +195,8 @@ def summarise(rows: list[dict]) -> tuple[list[dict], dict[str, float]]:
                      "entropy": statistics.fmean(r["final_entropy"] for r in found if r["variant"] == variant)}
             if baseline:
                 base = statistics.fmean(baseline)
-                entry["vs_softmax"] = (entry["mean_best"] - base if task == "listops" else entry["mean_best"] / base)
+                gap = entry["mean_best"] - base if task in ACCURACY_TASKS else entry["mean_best"] / base
+                entry["vs_softmax"] = gap
                 summary[f"{task}_{variant}_vs_softmax"] = entry["vs_softmax"]
             summary[f"{task}_{variant}_mean_best"] = entry["mean_best"]
             table.append(entry)
@@ -188,7 +214,7 @@ def plot(rows: list[dict], args: argparse.Namespace) -> Path:
             if "attention_temperature" in row["curve"][0]:
                 axes[1][column].plot(steps, [p["attention_temperature"] for p in row["curve"]], marker=".",
                                      label=row["variant"])
-        axes[0][column].set(title=task, xlabel="step", ylabel=rows[0]["metric"] if task == "listops" else "perplexity")
+        axes[0][column].set(title=task, xlabel="step", ylabel="accuracy" if task in ACCURACY_TASKS else "perplexity")
         if task == "lm":
             axes[0][column].set_yscale("log")
         axes[1][column].set(xlabel="step", ylabel="ppSBN temperature (mean over layers)")
@@ -201,7 +227,7 @@ def plot(rows: list[dict], args: argparse.Namespace) -> Path:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="macformer bench sharp_attention", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", nargs="+", choices=("listops", "lm"), default=["listops", "lm"])
+    parser.add_argument("--tasks", nargs="+", choices=("listops", "lm", "recall"), default=["listops", "lm"])
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--steps", type=int, default=600)
@@ -209,14 +235,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--listops-train", type=int, default=4000)
-    parser.add_argument("--listops-valid", type=int, default=512)
+    parser.add_argument("--listops-valid", type=int, default=512, help="validation rows of ListOps and of recall")
+    parser.add_argument("--recall-train", type=int, default=20000)
+    parser.add_argument("--recall-positions", type=int, default=64)
     parser.add_argument("--lm-seq-len", type=int, default=256)
     parser.add_argument("--lm-files", type=int, default=400, help="stdlib files read (sorted by path)")
     parser.add_argument("--lm-valid-windows", type=int, default=256)
     add_common_arguments(parser, "sharp_attention")
     args = parser.parse_args(argv)
     check_positive(parser, steps=args.steps, eval_every=args.eval_every, batch_size=args.batch_size,
-                   listops_train=args.listops_train, listops_valid=args.listops_valid, lm_seq_len=args.lm_seq_len,
+                   listops_train=args.listops_train, listops_valid=args.listops_valid,
+                   recall_train=args.recall_train, recall_positions=args.recall_positions, lm_seq_len=args.lm_seq_len,
                    lm_files=args.lm_files, lm_valid_windows=args.lm_valid_windows)
     if not args.learning_rate > 0:
         parser.error(f"--learning-rate must be positive, got {args.learning_rate}")

@@ -206,16 +206,16 @@ def test_tokenization_at_a_tiny_size(tmp_path, local_ray) -> None:
 
 def test_sharp_attention_at_a_tiny_size(tmp_path) -> None:
     assert cli(["bench", "sharp_attention", "--steps", "4", "--eval-every", "2", "--seeds", "0", "1",
-                "--variants", "softmax", "rmfa-exp", "--listops-train", "64", "--listops-valid", "32",
-                "--lm-files", "40", "--lm-seq-len", "32", "--lm-valid-windows", "8", "--batch-size", "4",
-                "--output", str(tmp_path)]) == 0
+                "--tasks", "listops", "lm", "recall", "--variants", "softmax", "rmfa-exp", "--listops-train", "64",
+                "--listops-valid", "32", "--lm-files", "40", "--lm-seq-len", "32", "--lm-valid-windows", "8",
+                "--recall-train", "64", "--recall-positions", "8", "--batch-size", "4", "--output", str(tmp_path)]) == 0
     result = _json(tmp_path / "sharp_attention.json")
     rows = result["rows"]
     assert {(r["task"], r["variant"], r["seed"]) for r in rows} == {
-        (t, v, s) for t in ("listops", "lm") for v in ("softmax", "rmfa-exp") for s in (0, 1)}
+        (t, v, s) for t in ("listops", "lm", "recall") for v in ("softmax", "rmfa-exp") for s in (0, 1)}
     for row in rows:
         assert [p["step"] for p in row["curve"]] == [2, 4]
-        if row["task"] == "listops":
+        if row["task"] in ("listops", "recall"):
             assert 0 <= row["best"] <= 1 and row["best"] == max(p["metric"] for p in row["curve"])
         else:  # byte-level perplexity starts near the vocabulary size
             assert 50 < row["best"] < 400 and row["best"] == min(p["metric"] for p in row["curve"])
@@ -227,6 +227,19 @@ def test_sharp_attention_at_a_tiny_size(tmp_path) -> None:
     lm_rmfa = [r["best"] for r in rows if (r["task"], r["variant"]) == ("lm", "rmfa-exp")]
     assert result["summary"]["lm_rmfa-exp_vs_softmax"] == pytest.approx(sum(lm_rmfa) / sum(lm_softmax))
     assert (tmp_path / "sharp_attention.png").stat().st_size > 0
+
+
+def test_recall_rows_end_with_the_value_at_the_named_position() -> None:
+    from benchmarks.sharp_attention import RECALL_VALUES, recall_split
+
+    split = recall_split(50, 12, seed=3)
+    ids, labels = split["input_ids"], split["labels"]
+    assert ids.shape == (50, 14) and bool((ids[:, :12] < RECALL_VALUES).all())
+    asked = ids[:, 12] - RECALL_VALUES
+    assert bool(((asked >= 0) & (asked < 12)).all())
+    assert torch.equal(ids[:, -1], ids[torch.arange(50), asked])  # the answer is the value found there
+    assert torch.equal(labels[:, -1], ids[:, -1]) and bool((labels[:, :-1] == -100).all())  # scored on it alone
+    assert len(set(asked.tolist())) > 6  # every position can be asked
 
 
 def test_maclaurin_estimators_at_a_tiny_size(tmp_path) -> None:
