@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from macformer.errors import MacformerError, is_positive_int
-from macformer.features.maclaurin import worst_pair_relative_std
+from macformer.features.maclaurin import aligned_pair_relative_std
 from macformer.features.spectral import COMPONENTS, LEARNED_WEIGHTS, WEIGHTS, default_oprf_rho, gerf_parameters
 from macformer.kernels import KERNELS, get_kernel
 from macformer.ppsbn import TEMPERATURE_LR_SCALE, rmfa_temperature_bound, series_temperature_bound
@@ -53,8 +53,9 @@ class MacformerConfig:
     off for softmax, rfa, favor and random_features (whose papers do not use it; its bounded temperature
     also keeps their attention flat early in training: benchmarks/RESULTS.md, quality at equal steps).
     ppsbn_max_temperature, ppsbn_initial_temperature: bound on |q . k| after preSBN and its starting
-    value. Default (macformer.ppsbn): for rmfa the largest t at which the worst pair's random-feature
-    noise stays within a quarter of f(-t) at this D (exp: 0.70 at D = 128, head_dim 32), and inside
+    value. Default (macformer.ppsbn): for rmfa the largest t at which the random-feature noise of the
+    aligned pair (x = y) stays within 20% of its value f(t) at this D (exp: 1.37 at D = 128, head_dim
+    32), and inside
     the finite-variance region 3 p t^2 < 1 for radius-1 kernels; 2 (or 0.95 of a finite radius) for
     exact kernels and the softmax estimators; start at half the bound. ppsbn_temperature_lr_scale:
     learning-rate multiplier of the temperature (applied by PreTrainedMacformer.optimizer_groups).
@@ -195,7 +196,7 @@ class MacformerConfig:
         if max_degree is not None and max_degree < exact_degrees:  # nothing sampled: no noise
             return series_temperature_bound(kernel.radius)
         return rmfa_temperature_bound(
-            lambda t: worst_pair_relative_std(kernel, t, num_random, self.p, exact_degrees, max_degree),
+            lambda t: aligned_pair_relative_std(kernel, t, num_random, self.p, exact_degrees, max_degree),
             kernel.radius, self.p)
 
     def _check_spectral_pair(self) -> None:

@@ -215,7 +215,7 @@ def test_config_round_trips_and_rejects_unknown_fields() -> None:
     ("softmax", "exp"), ("favor", "exp"),
 ])
 def test_temperature_defaults_are_resolved_and_stored(attention: str, kernel: str) -> None:
-    from macformer.features.maclaurin import worst_pair_relative_std
+    from macformer.features.maclaurin import aligned_pair_relative_std
     from macformer.kernels import get_kernel
     from macformer.ppsbn import RMFA_RELATIVE_STD
 
@@ -233,9 +233,9 @@ def test_temperature_defaults_are_resolved_and_stored(attention: str, kernel: st
     if attention == "kernel":  # exact: only the series' radius limits it
         assert bound == pytest.approx(2.0 if kernel == "exp" else 0.95)
         return
-    # RMFA: the worst pair's noise is RMFA_RELATIVE_STD of f(-t) at the bound (or the bound keeps every
+    # RMFA: the aligned pair's noise is RMFA_RELATIVE_STD of f(t) at the bound (or the bound keeps every
     # pair's variance finite, 3 p t^2 < 1, for radius-1 kernels), and more just above it.
-    noise = lambda t: worst_pair_relative_std(get_kernel(kernel), t, 128 - 33, config.p, 2)
+    noise = lambda t: aligned_pair_relative_std(get_kernel(kernel), t, 128 - 33, config.p, 2)
     assert noise(bound) <= RMFA_RELATIVE_STD
     assert noise(bound + 2e-3) > RMFA_RELATIVE_STD or (radius == 1 and bound == pytest.approx(0.95 / 6**0.5))
     if radius == 1:
@@ -244,19 +244,28 @@ def test_temperature_defaults_are_resolved_and_stored(attention: str, kernel: st
     assert sharper > bound if kernel == "exp" else sharper >= bound  # more features, sharper attention allowed
 
 
+def test_a_saved_bound_is_kept_when_the_default_bound_changes() -> None:
+    # Models saved while RMFA-exp's default bound was 0.696 (noise within a quarter of f(-t)) keep it.
+    earlier = MacformerConfig(attention="rmfa", ppsbn_max_temperature=0.6962890625,
+                              ppsbn_initial_temperature=0.6962890625 / 2).to_dict()
+    loaded = MacformerConfig.from_saved(earlier)
+    assert (loaded.ppsbn_max_temperature, loaded.ppsbn_initial_temperature) == (0.6962890625, 0.6962890625 / 2)
+    assert MacformerConfig(attention="rmfa").ppsbn_max_temperature == pytest.approx(1.372, abs=1e-3)
+
+
 @pytest.mark.parametrize(("kernel", "temperature"), [("exp", 0.7), ("exp", 1.2), ("inverse", 0.35), ("log", 0.38)])
-def test_worst_pair_noise_bounds_the_measured_spread_of_the_estimate(kernel: str, temperature: float) -> None:
+def test_aligned_pair_noise_bounds_the_measured_spread_of_the_estimate(kernel: str, temperature: float) -> None:
     from macformer.features import RandomMaclaurinFeatures
-    from macformer.features.maclaurin import worst_pair_relative_std
+    from macformer.features.maclaurin import aligned_pair_relative_std
     from macformer.kernels import get_kernel
 
     x = torch.ones(16) * (temperature / 16) ** 0.5  # spread out: E[(w.x)^4] close to its bound 3 t^2
     estimates = torch.tensor([[float(phi(x) @ phi(sign * x)) for sign in (1.0, -1.0)] for phi in (
         RandomMaclaurinFeatures(16, 48, kernel, seed=seed, constant_feature=True, linear_features=True)
         for seed in range(2000))])
-    smallest = float(get_kernel(kernel).fn(torch.tensor(-temperature)))
-    bound = worst_pair_relative_std(get_kernel(kernel), temperature, 48 - 17, 2.0, 2)
-    measured = estimates.std(0) / smallest
+    largest = float(get_kernel(kernel).fn(torch.tensor(temperature)))
+    bound = aligned_pair_relative_std(get_kernel(kernel), temperature, 48 - 17, 2.0, 2)
+    measured = estimates.std(0) / largest
     assert torch.all(measured < 1.15 * bound) and torch.all(measured > 0.4 * bound), (measured, bound)
 
 

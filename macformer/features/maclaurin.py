@@ -12,7 +12,7 @@ from macformer.features.base import FeatureMap
 from macformer.kernels import DotProductKernel, get_kernel
 from macformer.triton_support import triton_usable as _use_triton
 
-__all__ = ["RandomMaclaurinFeatures", "degree_distribution", "worst_pair_relative_std"]
+__all__ = ["RandomMaclaurinFeatures", "aligned_pair_relative_std", "degree_distribution"]
 
 # Terms of the variance series summed before it is declared convergent or divergent.
 VARIANCE_TERMS = 400
@@ -36,12 +36,14 @@ def degree_distribution(p: float, min_degree: int, max_degree: int | None) -> tu
     return ratio, 1.0 - ratio**support
 
 
-def worst_pair_relative_std(
+def aligned_pair_relative_std(
     kernel: DotProductKernel, temperature: float, num_random: int, p: float, min_degree: int,
     max_degree: int | None = None,
 ) -> float:
     """Largest standard deviation of the random part of phi(x) . phi(y), over pairs with
-    |x|^2 = |y|^2 = t, relative to the smallest kernel value f(-t); inf where it diverges.
+    |x|^2 = |y|^2 = t, relative to the largest kernel value f(t); inf where it diverges. The largest
+    standard deviation is reached as x -> y, whose kernel value is f(t): this is the relative noise
+    of the estimate of the weight that sharp attention picks out.
 
     A feature of degree n is importance-weighted by a_n / P(n), and its Rademacher product has second
     moment E[(w.x)^2 (w.y)^2]^n <= (3 t^2)^n (reached as x -> +-y), so the variance of the mean of
@@ -61,8 +63,8 @@ def worst_pair_relative_std(
             variance += term
     if max_degree is None and term > 1e-12 * variance:  # the tail has not died out: divergent
         return math.inf
-    smallest = float(kernel.fn(torch.tensor(-temperature, dtype=torch.float64)))
-    return math.sqrt(variance / num_random) / smallest
+    largest = float(kernel.fn(torch.tensor(temperature, dtype=torch.float64)))
+    return math.sqrt(variance / num_random) / largest
 
 
 class RandomMaclaurinFeatures(FeatureMap):
