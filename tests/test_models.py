@@ -477,7 +477,8 @@ def test_an_attention_is_added_by_one_registry_entry(monkeypatch) -> None:
 
 @pytest.mark.slow
 def test_unit_scale_embeddings_keep_a_flat_attention_classifier_learning() -> None:
-    # Small ListOps, default Macformer (RMFA in ppSBN, near-uniform attention at its temperature bound).
+    # Small ListOps, Macformer (RMFA in ppSBN) held near-uniform: its bound before issue #13's recall
+    # measurements, 0.70 (today's 1.37 lets it sharpen, which weakens the collapse: cosine 0.47).
     # With embeddings at 0.02 the blocks' additions, nearly the same for every token, drown the tokens:
     # the last layer's inputs collapse onto one direction and accuracy stays near the majority class.
     from pipelines import listops
@@ -498,7 +499,8 @@ def test_unit_scale_embeddings_keep_a_flat_attention_classifier_learning() -> No
     def trained(std: float | None) -> tuple[float, float]:
         torch.manual_seed(1)
         config = MacformerConfig(num_classes=listops.NUM_CLASSES, vocab_size=len(listops.VOCAB),
-                                 max_seq_len=spec.max_length, embedding_init_std=std, seed=1)
+                                 max_seq_len=spec.max_length, embedding_init_std=std, seed=1,
+                                 ppsbn_max_temperature=0.6962890625)
         model = MacformerForSequenceClassification(config)
         optimizer = torch.optim.AdamW(model.optimizer_groups(2e-3, weight_decay=0.01))
         generator = torch.Generator().manual_seed(1)
