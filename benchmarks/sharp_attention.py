@@ -40,6 +40,7 @@ VARIANTS: dict[str, dict] = {
     "rmfa-exp": {"attention": "rmfa"},
     # The default bound before issue #13's recall measurements (noise within a quarter of f(-t)).
     "rmfa-exp-bound-0.7": {"attention": "rmfa", "ppsbn_max_temperature": 0.6962890625},
+    "rmfa-exp-start-0.35": {"attention": "rmfa", "ppsbn_initial_temperature": 0.6962890625 / 2},
     "rmfa-exp-bound-1": {"attention": "rmfa", "ppsbn_max_temperature": 1.0},
     "rmfa-exp-bound-1.4": {"attention": "rmfa", "ppsbn_max_temperature": 1.4},
     "rmfa-exp-bound-2": {"attention": "rmfa", "ppsbn_max_temperature": 2.0},
