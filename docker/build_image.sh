@@ -2,8 +2,10 @@
 # Build one of the project's images on this machine, also where no registry of images can be reached:
 # a base image that cannot be found or pulled is replaced by a local Debian bookworm base made with
 # debootstrap (needs root and Debian's mirror), the torch wheel and CA bundle in docker/context/ are
-# passed to the build (TORCH_WHEEL, EXTRA_CA_CERT), and the CUDA image, whose CUDA base cannot be had
+# passed to the build (TORCH_WHEEL, EXTRA_CA_CERT), and the CUDA image, whose CUDA bases cannot be had
 # then, is built on the local base with that (CPU) wheel: enough to check that it builds and runs.
+# cpu and cuda are docker/Dockerfile with different build arguments; on the same bases they share
+# every layer but the last few.
 # The build stage is kept tagged (<tag>-builder, for the layer cache); older build stages and the
 # image the tag named before are removed (unless a container still uses it).
 # From the repository root:
@@ -31,10 +33,10 @@ local_base() {
 args=()
 case "$kind" in
     cpu)
-        tag=${2:-macformer:$version-cpu}; dockerfile=docker/Dockerfile.cpu
+        tag=${2:-macformer:$version-cpu}; dockerfile=docker/Dockerfile
         base=${BASE_IMAGE:-python:3.11-slim-bookworm}
         available "$base" || base=$(local_base)
-        args+=(--build-arg "BASE_IMAGE=$base")
+        args+=(--build-arg "BUILD_IMAGE=$base" --build-arg "RUNTIME_IMAGE=$base" --build-arg ACCELERATOR=cpu)
         [ -n "$TORCH_WHEEL" ] && args+=(--build-arg "TORCH_WHEEL=$TORCH_WHEEL")
         [ -f docker/context/ca-bundle.crt ] && args+=(--build-arg EXTRA_CA_CERT=ca-bundle.crt)
         ;;
@@ -42,14 +44,15 @@ case "$kind" in
         tag=${2:-macformer:$version-cuda}; dockerfile=docker/Dockerfile
         build=${BUILD_IMAGE:-nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04}
         runtime=${RUNTIME_IMAGE:-nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04}
+        args+=(--build-arg ACCELERATOR=cuda)
         if available "$build" && available "$runtime"; then
-            args+=(--build-arg "BUILD_IMAGE=$build" --build-arg "RUNTIME_IMAGE=$runtime")
+            args+=(--build-arg "BUILD_IMAGE=$build" --build-arg "RUNTIME_IMAGE=$runtime"
+                   --build-arg "TORCH_INDEX_URL=${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cu128}")
         else
             [ -n "$TORCH_WHEEL" ] || { echo "no CUDA base image and no torch wheel in docker/context/" >&2; exit 1; }
             base=$(local_base)
             echo "CUDA base images unavailable: building $dockerfile on $base with $TORCH_WHEEL" >&2
-            args+=(--build-arg "BUILD_IMAGE=$base" --build-arg "RUNTIME_IMAGE=$base" --build-arg PYTHON_VERSION=3.11
-                   --build-arg "TORCH_WHEEL=$TORCH_WHEEL")
+            args+=(--build-arg "BUILD_IMAGE=$base" --build-arg "RUNTIME_IMAGE=$base" --build-arg "TORCH_WHEEL=$TORCH_WHEEL")
         fi
         [ -f docker/context/ca-bundle.crt ] && args+=(--build-arg EXTRA_CA_CERT=ca-bundle.crt)
         ;;

@@ -4,7 +4,8 @@
 # workers and MLflow, submit the data preparation and a short training from the host with
 # `ray job submit`, and check from the host that both jobs SUCCEEDED, the MLflow run is FINISHED
 # with params, metrics and its model artifact, the two training workers ran in different
-# containers and only 127.0.0.1 ports are published. Containers, networks and volumes are removed
+# containers and only 127.0.0.1 ports are published (free ones, so that it runs beside other Ray or
+# MLflow services on this machine). Containers, networks and volumes are removed
 # on exit, whatever failed. Images come from docker/build_image.sh (PostgreSQL from Debian's packages
 # where the official image cannot be pulled). Needs a running Docker daemon, docker-compose (v1) or
 # `docker compose`, and the project's .venv (for the host's `ray` CLI and the MLflow client). From the
@@ -21,9 +22,18 @@ trap 'status=$?; [ "$status" -ne 0 ] && echo "check_cluster: FAILED at: ${STEP:-
 
 if docker compose version >/dev/null 2>&1; then COMPOSE=(docker compose); else COMPOSE=(docker-compose); fi
 compose() { "${COMPOSE[@]}" -p "$PROJECT" -f docker/compose.yaml "$@"; }
-down() { compose down -v --remove-orphans >/dev/null 2>&1 || true; }
+down() { compose down -v --remove-orphans --timeout 5 >/dev/null 2>&1 || true; }
 POSTGRES_PASSWORD=$(.venv/bin/python -c "import secrets; print(secrets.token_hex(16))")
-export POSTGRES_PASSWORD RAY_AUTH_MODE=disabled MACFORMER_IMAGE="$IMAGE"
+read -r RAY_DASHBOARD_PORT MLFLOW_PORT < <(.venv/bin/python -c "
+import socket
+probes = [socket.socket() for _ in range(2)]
+for probe in probes:
+    probe.bind(('127.0.0.1', 0))
+print(*(probe.getsockname()[1] for probe in probes))")
+# One CPU on every node: the two training workers cannot share a container.
+export POSTGRES_PASSWORD RAY_AUTH_MODE=disabled MACFORMER_IMAGE="$IMAGE" RAY_DASHBOARD_PORT MLFLOW_PORT \
+    RAY_HEAD_CPUS=1 RAY_WORKER_CPUS=1
+JOBS_API=http://127.0.0.1:$RAY_DASHBOARD_PORT
 
 step "docker daemon"
 docker info >/dev/null
@@ -37,35 +47,29 @@ if ! docker image inspect postgres:16.4-bookworm >/dev/null 2>&1 && ! docker pul
     export POSTGRES_IMAGE
 fi
 
-step "cluster up (prepare: default CPUs)"
+step "cluster up (Ray head and two workers, one CPU each; MLflow on PostgreSQL)"
 down
-compose up -d >/dev/null
-until "$RAY" job list --address http://127.0.0.1:8265 >/dev/null 2>&1; do sleep 2; done
+compose up -d >/dev/null  # returns once the head is healthy (the workers wait for it)
+for _ in $(seq 120); do "$RAY" job list --address "$JOBS_API" >/dev/null 2>&1 && break; sleep 1; done
+"$RAY" job list --address "$JOBS_API" >/dev/null
 
 step "prepare job"
-"$RAY" job submit --address http://127.0.0.1:8265 -- macformer prepare --input stdlib \
+"$RAY" job submit --address "$JOBS_API" -- macformer prepare --input stdlib \
     --output /shared/data/stdlib --seq-len 1024 --valid-fraction 0.05 --stdlib-limit 200 >/dev/null
-
-step "cluster up again (one CPU per worker, none on the head: one training worker per container)"
-compose down >/dev/null 2>&1
-RAY_HEAD_CPUS=0 RAY_WORKER_CPUS=1 compose up -d >/dev/null
-until [ "$(docker exec "$(compose ps -q ray-head)" ray status 2>/dev/null | grep -c ' node_')" = 3 ]; do sleep 2; done
 
 step "training job"
 log=$(mktemp)
-"$RAY" job submit --address http://127.0.0.1:8265 -- macformer train --config configs/demo.yaml \
+"$RAY" job submit --address "$JOBS_API" -- macformer train --config configs/demo.yaml \
     data=/shared/data/stdlib storage_path=/shared/runs max_steps=10 eval_every=10 checkpoint_every=10 \
     run_name=container-check >"$log" 2>&1 || { tail -n 30 "$log" >&2; exit 1; }
 
-step "training workers in two containers"
-addresses=$(grep -o 'RayTrainWorker pid=[0-9]*, ip=[0-9.]*' "$log" | sed 's/.*ip=//' | sort -u | wc -l)
-[ "$addresses" -eq 2 ] || { echo "training workers ran on $addresses container(s)" >&2; exit 1; }
-
-step "MLflow run FINISHED with params, metrics and model"
+step "MLflow run FINISHED with params, metrics and model, its workers in two containers"
 .venv/bin/python - <<'PY'
+import os
+
 from mlflow.tracking import MlflowClient
 
-client = MlflowClient("http://127.0.0.1:5000")
+client = MlflowClient(f"http://127.0.0.1:{os.environ['MLFLOW_PORT']}")
 runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
         if r.info.run_name == "container-check"]
 assert len(runs) == 1, f"expected one run named container-check, found {len(runs)}"
@@ -74,6 +78,8 @@ artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
 assert run.info.status == "FINISHED", run.info.status
 assert run.data.params and "train_loss" in run.data.metrics, "params or train_loss missing"
 assert "model" in artifacts, f"no model artifact: {sorted(artifacts)}"
+# The trainer tags the Ray nodes its workers ran on: one node per container here.
+assert run.data.tags["ray_nodes"] == "2", f"training workers ran on {run.data.tags['ray_nodes']} container(s)"
 PY
 
 step "only 127.0.0.1 ports published"

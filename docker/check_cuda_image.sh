@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Check of the CUDA image as far as it goes without a GPU: it builds (docker/build_image.sh: on the
 # CUDA base images where they can be had, otherwise on a local Debian base with the CPU torch wheel,
-# which it says), runs as the unprivileged user, and its `macformer` command starts. From the
+# which it says; there it shares the CPU image's layers but the last), runs as the unprivileged user
+# with DeepSpeed set to CUDA, and its `macformer` command starts. From the
 # repository root:
 #   docker/check_cuda_image.sh
 set -euo pipefail
@@ -21,6 +22,7 @@ step "macformer --help in the image"
 docker run --rm "$IMAGE" macformer --help | grep -q "^usage: macformer"
 docker run --rm "$IMAGE" macformer train --help | grep -q -- "--config"
 
-step "runs as uid 1000"
+step "runs as uid 1000, DeepSpeed set to CUDA"
 [ "$(docker run --rm "$IMAGE" id -u)" = 1000 ]
+[ "$(docker run --rm "$IMAGE" sh -c 'echo "$DS_ACCELERATOR"')" = cuda ]
 echo "check_cuda_image: OK"
