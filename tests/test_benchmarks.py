@@ -246,9 +246,11 @@ def test_maclaurin_estimators_at_a_tiny_size(tmp_path) -> None:
     assert cli(["bench", "maclaurin_estimators", "--temperatures", "0.5", "2", "--dims", "48", "--seq-len", "32",
                 "--head-dim", "16", "--heads", "1", "--seeds", "2", "--output", str(tmp_path)]) == 0
     rows = _json(tmp_path / "maclaurin_estimators.json")["rows"]
-    assert len(rows) == 2 * 2 * 5  # inputs x temperatures x estimators
+    assert len(rows) == 2 * 2 * 5 + 2  # inputs x temperatures x estimators, and the isotropic inputs' floor
     for row in rows:
         assert row["error"] > 0
+    floors = [r for r in rows if r["estimator"] == "floor"]
+    assert {r["inputs"] for r in floors} == {"isotropic"} and all(r["vs_kar_karnick"] < 1 for r in floors)
     for kind in ("isotropic", "clustered"):  # sharper attention, larger error
         errors = {r["temperature"]: r["error"] for r in rows if (r["inputs"], r["estimator"]) == (kind, "kar-karnick")}
         assert errors[2.0] > errors[0.5]
