@@ -4,9 +4,11 @@ For each context length the prompt is prefilled once (the model's caches: RMFA's
 S' [heads, D, d + 1] per layer; softmax's growing key/value cache), then `--new-tokens` tokens are
 decoded one at a time exactly as `MacformerForCausalLM.generate()` does, and the median time per
 token, the decoding state's size and the peak memory of the decoding steps are reported. The
-softmax KV cache is the baseline: ratios are KV-cache time / RMFA time at the same context.
+softmax KV cache is the baseline: ratios are KV-cache time / RMFA time at the same context and mode.
+Modes: "eager" (generate()'s default) and "compiled" (generate(compile=True): the step through
+torch.compile, both attentions; its first two steps compile and are not timed).
 
-    python -m benchmarks.decoding --contexts 512 1024 2048 4096 8192 16384
+    python -m benchmarks.decoding --contexts 512 1024 2048 4096 8192 16384 --modes eager compiled
 """
 
 from __future__ import annotations
@@ -37,25 +39,33 @@ def cache_bytes(caches: list[LayerCache]) -> int:
     return sum(t.numel() * t.element_size() for c in caches for t in c.buffers())
 
 
+MODES = ("eager", "compiled")
+
+
 @torch.no_grad()
-def decode(model: MacformerForCausalLM, context: int, new_tokens: int, device: torch.device) -> dict:
-    """Prefill `context` tokens, then time `new_tokens` single-token steps."""
+def decode(model: MacformerForCausalLM, context: int, new_tokens: int, device: torch.device, mode: str) -> dict:
+    """Prefill `context` tokens, then decode `new_tokens` with generate()'s decoding step: the first
+    untimed (compiled: the first two, which compile), the rest timed and their peak memory measured."""
+    step = model.decoding_step(compile=mode == "compiled")
+    untimed = 2 if mode == "compiled" else 1  # compiling: the first step, then once more with a dynamic position
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.config.vocab_size, (1, context), generator=generator).to(device)
     caches = model.new_caches(capacity=context + new_tokens)  # as generate() sizes them
     start = time.perf_counter()
     token = model.lm_head(model.model(prompt, caches=caches))[:, -1].argmax(-1)
     prefill = time.perf_counter() - start
+    positions = range(context, context + new_tokens)
+    for position in positions[:untimed]:
+        token = step(token[:, None], caches, position).argmax(-1)
     times = []
     with PeakMemory(device) as memory:
-        for position in range(context, context + new_tokens):
+        for position in positions[untimed:]:
             start = time.perf_counter()
-            logits = model.lm_head(model.model(token[:, None], caches=caches, position_offset=position))
-            token = logits[:, -1].argmax(-1)
+            token = step(token[:, None], caches, position).argmax(-1)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
-    return {"prefill_s": prefill, "ms_per_token": statistics.median(times[1:] or times) * 1e3,
+    return {"prefill_s": prefill, "ms_per_token": statistics.median(times) * 1e3,
             "state_mib": cache_bytes(caches) / 2**20, "decode_peak_mib": memory.peak_mib}
 
 
@@ -92,16 +102,18 @@ def measure(args: argparse.Namespace) -> list[dict]:
     rows = []
     for attention in ("softmax", "rmfa"):
         model = build(attention, args, device)
-        for context in args.contexts:
-            row = {"attention": attention, "context": context, **decode(model, context, args.new_tokens, device)}
-            rows.append(row)
-            print(f"{attention} context {context}: {row['ms_per_token']:.2f} ms/token, state {row['state_mib']:.2f} "
-                  f"MiB, prefill {row['prefill_s']:.2f} s", flush=True)
+        for mode in args.modes:
+            for context in args.contexts:
+                row = {"attention": attention, "mode": mode, "context": context,
+                       **decode(model, context, args.new_tokens, device, mode)}
+                rows.append(row)
+                print(f"{attention} {mode} context {context}: {row['ms_per_token']:.2f} ms/token, state "
+                      f"{row['state_mib']:.2f} MiB, prefill {row['prefill_s']:.2f} s", flush=True)
         if attention == "rmfa":
             floor = linear_layers_ms(model, device)
-    baseline = {r["context"]: r for r in rows if r["attention"] == "softmax"}
+    baseline = {(r["mode"], r["context"]): r for r in rows if r["attention"] == "softmax"}
     for row in rows:
-        base = baseline[row["context"]]
+        base = baseline[(row["mode"], row["context"])]
         row["speedup_vs_kv_cache"] = base["ms_per_token"] / row["ms_per_token"]
         row["state_ratio_vs_kv_cache"] = base["state_mib"] / row["state_mib"]
         row["linear_layers_ms"] = floor
@@ -113,10 +125,13 @@ def plot(rows: list[dict], args: argparse.Namespace) -> Path:
     plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     for attention in ("softmax", "rmfa"):
-        points = [r for r in rows if r["attention"] == attention]
-        label = "softmax + KV cache" if attention == "softmax" else f"RMFA recurrent state (D={args.num_features})"
-        axes[0].plot([r["context"] for r in points], [r["ms_per_token"] for r in points], marker="o", label=label)
-        axes[1].plot([r["context"] for r in points], [r["state_mib"] for r in points], marker="o", label=label)
+        for mode in args.modes:
+            points = [r for r in rows if (r["attention"], r["mode"]) == (attention, mode)]
+            label = "softmax + KV cache" if attention == "softmax" else f"RMFA recurrent state (D={args.num_features})"
+            axes[0].plot([r["context"] for r in points], [r["ms_per_token"] for r in points], marker="o",
+                         label=f"{label}, {mode}", linestyle="--" if mode == "compiled" else "-")
+            if mode == args.modes[0]:  # the state does not depend on the mode
+                axes[1].plot([r["context"] for r in points], [r["state_mib"] for r in points], marker="o", label=label)
     axes[0].set(xscale="log", xlabel="context length", ylabel="ms per generated token")
     axes[1].set(xscale="log", yscale="log", xlabel="context length", ylabel="decoding state (MiB)")
     for ax in axes:
@@ -129,6 +144,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="macformer bench decoding", description=__doc__.split("\n\n")[0])
     parser.add_argument("--contexts", nargs="+", type=int, default=[512, 1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help="eager: generate()'s default; compiled: generate(compile=True)")
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--layers", type=int, default=4)
@@ -138,6 +155,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     check_positive(parser, contexts=args.contexts, new_tokens=args.new_tokens, d_model=args.d_model, heads=args.heads,
                    layers=args.layers, num_features=args.num_features, vocab_size=args.vocab_size)
+    if args.new_tokens < 3:
+        parser.error(f"--new-tokens must be at least 3 (a compiled step's first two compile), got {args.new_tokens}")
     if args.d_model % args.heads:
         parser.error(f"--d-model {args.d_model} must be a multiple of --heads {args.heads}")
     return args
@@ -147,13 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     reuse_freed_host_memory()  # as the macformer command and every training worker do
     rows = measure(args)
-    print(format_table(rows, ["attention", "context", "ms_per_token", "state_mib", "decode_peak_mib", "prefill_s",
-                              "speedup_vs_kv_cache", "speedup_ceiling", "state_ratio_vs_kv_cache"]))
+    print(format_table(rows, ["attention", "mode", "context", "ms_per_token", "state_mib", "decode_peak_mib",
+                              "prefill_s", "speedup_vs_kv_cache", "speedup_ceiling", "state_ratio_vs_kv_cache"]))
     rmfa = [r for r in rows if r["attention"] == "rmfa"]
-    summary = {f"speedup_vs_kv_cache_{r['context']}": r["speedup_vs_kv_cache"] for r in rmfa}
-    summary.update({f"speedup_ceiling_{r['context']}": r["speedup_ceiling"] for r in rmfa})
+    summary = {f"{r['mode']}_speedup_vs_kv_cache_{r['context']}": r["speedup_vs_kv_cache"] for r in rmfa}
+    summary.update({f"{r['mode']}_speedup_ceiling_{r['context']}": r["speedup_ceiling"] for r in rmfa})
     summary["linear_layers_ms"] = rmfa[0]["linear_layers_ms"]
-    summary["rmfa_ms_per_token_longest_over_shortest"] = rmfa[-1]["ms_per_token"] / rmfa[0]["ms_per_token"]
+    for mode in args.modes:
+        times = [r["ms_per_token"] for r in rmfa if r["mode"] == mode]
+        summary[f"{mode}_rmfa_ms_per_token_longest_over_shortest"] = times[-1] / times[0]
     for key, value in summary.items():
         print(f"{key}: {value:.3g}")
     args.output.mkdir(parents=True, exist_ok=True)

@@ -140,7 +140,7 @@ def check_vocabulary(model: PreTrainedMacformer, vocab_size: int, source: str) -
 
 @torch.no_grad()
 def generate_text(model: PreTrainedMacformer, tokenizer: str, prompt: str, max_new_tokens: int,
-                  temperature: float, top_k: int | None, seed: int) -> str:
+                  temperature: float, top_k: int | None, seed: int, compile: bool = False) -> str:
     if not isinstance(model, MacformerForCausalLM):
         raise ConfigError("generate needs a causal LM checkpoint")
     path = Path(tokenizer)
@@ -150,5 +150,6 @@ def generate_text(model: PreTrainedMacformer, tokenizer: str, prompt: str, max_n
     check_vocabulary(model, processor.get_piece_size(), f"tokenizer {path}")
     ids = processor.encode(prompt) or [processor.eos_id()]
     tokens = model.generate(torch.tensor([ids]), max_new_tokens, temperature=temperature, top_k=top_k,
-                            eos_token_id=processor.eos_id(), generator=torch.Generator().manual_seed(seed))
+                            eos_token_id=processor.eos_id(), generator=torch.Generator().manual_seed(seed),
+                            compile=compile)
     return processor.decode([i for i in tokens[0].tolist() if i != processor.eos_id()])

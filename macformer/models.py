@@ -6,7 +6,9 @@ reloaded model reproduces outputs exactly (the random features are buffers in th
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,8 +131,10 @@ class MacformerModel(PreTrainedMacformer):
                 "raise max_seq_len in the config or shorten the input"
             )
         # On CPU the check is free; on an accelerator it would stall every forward on a host sync, and
-        # the data boundary checks ids instead (the trainer on the driver, generate on its prompt).
-        if input_ids.device.type == "cpu" and bool(((input_ids < 0) | (input_ids >= self.config.vocab_size)).any()):
+        # the data boundary checks ids instead (the trainer on the driver, generate on its prompt). A
+        # compiled decoding step leaves it out too (a graph break): its tokens were sampled by the model.
+        checks_ids = input_ids.device.type == "cpu" and not torch.compiler.is_compiling()
+        if checks_ids and bool(((input_ids < 0) | (input_ids >= self.config.vocab_size)).any()):
             raise MacformerError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size})")
         x = self.token_embedding(input_ids)
         padding = _padding_mask(attention_mask)
@@ -266,6 +270,15 @@ class MacformerForCausalLM(PreTrainedMacformer):
             )
         return ModelOutput(logits, loss)
 
+    def decoding_step(self, compile: bool = False) -> Callable[[torch.Tensor, list[LayerCache], int], torch.Tensor]:
+        """What generate() runs per new token: (tokens [batch, 1], caches, the tokens' position) ->
+        next-token logits [batch, vocab], the caches updated in place. On CPU most of a step's time is
+        the dispatch of a few dozen small ops per layer; compile=True runs it through torch.compile
+        instead (one compiled function for every model; the first step compiles, ~20 s on CPU, and the
+        second once more with the position made dynamic; benchmarks/RESULTS.md, "Decoding")."""
+        step = _compiled_next_token_logits() if compile else _next_token_logits
+        return functools.partial(step, self)
+
     def new_caches(self, capacity: int = 0) -> list[LayerCache]:
         """Empty decoding caches, one per layer; `capacity`: tokens a KV cache makes room for at once."""
         return [LayerCache(capacity=capacity) for _ in range(self.config.num_layers)]
@@ -279,14 +292,17 @@ class MacformerForCausalLM(PreTrainedMacformer):
         top_k: int | None = None,
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
+        compile: bool = False,
     ) -> torch.Tensor:
         """Continue each prompt by up to `max_new_tokens` tokens (temperature 0: greedy). Sequences
-        that emit `eos_token_id` are padded with it afterwards. Returns [batch, prompt + new]."""
+        that emit `eos_token_id` are padded with it afterwards. Returns [batch, prompt + new].
+        compile: decode through torch.compile (`decoding_step`): worth it for long generations."""
         if max_new_tokens < 0 or temperature < 0:
             raise MacformerError("generate() needs max_new_tokens >= 0 and temperature >= 0")
         was_training = self.training
         self.eval()  # frozen features and no dropout while the caches are built
         try:
+            next_logits = self.decoding_step(compile)
             caches = self.new_caches(capacity=input_ids.shape[1] + max_new_tokens)
             logits = self.lm_head(self.model(input_ids, caches=caches))[:, -1]
             tokens, finished = [input_ids], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -299,8 +315,7 @@ class MacformerForCausalLM(PreTrainedMacformer):
                 tokens.append(next_token[:, None])
                 if step + 1 == max_new_tokens or bool(finished.all()):
                     break
-                hidden = self.model(next_token[:, None], caches=caches, position_offset=position)
-                logits = self.lm_head(hidden)[:, -1]
+                logits = next_logits(next_token[:, None], caches, position)
                 position += 1
             return torch.cat(tokens, dim=1)
         finally:
@@ -317,3 +332,13 @@ class MacformerForCausalLM(PreTrainedMacformer):
             threshold = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < threshold, float("-inf"))
         return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def _next_token_logits(model: MacformerForCausalLM, tokens: torch.Tensor, caches: list[LayerCache],
+                       position: int) -> torch.Tensor:
+    return model.lm_head(model.model(tokens, caches=caches, position_offset=position))[:, -1]
+
+
+@functools.cache
+def _compiled_next_token_logits() -> Callable[..., torch.Tensor]:
+    return torch.compile(_next_token_logits)

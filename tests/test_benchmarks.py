@@ -97,10 +97,12 @@ def test_approximation_error_at_a_tiny_size_logs_to_mlflow(tmp_path) -> None:
 
 
 def test_decoding_at_a_tiny_size(tmp_path) -> None:
+    # Eager only: the compiled step is tested in test_models (compiling costs ~20 s per model on CPU).
     assert decoding.main(["--contexts", "32", "96", "--new-tokens", "3", "--d-model", "32", "--heads", "2",
-                          "--layers", "1", "--num-features", "48", "--vocab-size", "50",
+                          "--layers", "1", "--num-features", "48", "--vocab-size", "50", "--modes", "eager",
                           "--output", str(tmp_path)]) == 0
     rows = _json(tmp_path / "decoding.json")["rows"]
+    assert {r["mode"] for r in rows} == {"eager"}
     rmfa = [r for r in rows if r["attention"] == "rmfa"]
     softmax = [r for r in rows if r["attention"] == "softmax"]
     # The recurrent state has one size whatever the context; the KV cache grows with it.

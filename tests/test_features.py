@@ -142,6 +142,18 @@ def test_fast_features_and_gradients_equal_the_reference(settings: dict) -> None
     torch.testing.assert_close(fast_grad, reference_grad, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("settings", [{}, {"constant_feature": True, "linear_features": True}])
+def test_the_feature_map_under_torch_compile_equals_the_reference(settings: dict) -> None:
+    # Dynamo cannot trace the fused Function's out= writes: compiled, the map takes the gather form at
+    # every size (here above FEW_ROWS; settings {} sample degree 0, whose scales the gather form writes).
+    feature_map = RandomMaclaurinFeatures(DIM, 96, seed=3, **settings).double()
+    x = torch.randn(FEW_ROWS + 5, DIM, dtype=torch.float64) * 0.4
+    reference = feature_map.reference_forward(x)
+    torch.testing.assert_close(feature_map(x), reference, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(torch.compile(feature_map)(x), reference, atol=1e-12, rtol=1e-12)
+
+
 def test_the_fast_path_follows_redraws_loads_moves_and_in_place_edits() -> None:
     """Its rows are built once per draw: every way the draws can change rebuilds them."""
     feature_map = RandomMaclaurinFeatures(DIM, 64, seed=3, constant_feature=True, linear_features=True)

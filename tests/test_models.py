@@ -86,6 +86,37 @@ def test_generate_greedy_follows_argmax_and_stops_at_eos() -> None:
     assert sampled.shape == (2, 9) and model.training is False
 
 
+@pytest.mark.parametrize(("attention", "overrides"), LM_VARIANTS)
+def test_every_decoding_step_compiles_into_one_graph(attention: str, overrides: dict) -> None:
+    # A graph break would leave generate(compile=True) running most of the step eagerly, silently.
+    model = _lm(attention, **overrides).eval()
+    tokens = torch.randint(0, VOCAB, (2, 6))
+    with torch.no_grad():
+        caches = model.new_caches()
+        model.model(tokens[:, :5], caches=caches)
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(model.decoding_step())(tokens[:, 5:], caches, 5)
+    assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+
+
+@pytest.mark.slow
+def test_compiled_decoding_generates_what_eager_decoding_does() -> None:
+    # torch.compile's inductor on CPU: ~20 s to compile, then the same tokens and next-token logits.
+    model = _lm("rmfa").eval()
+    prompt = torch.randint(0, VOCAB, (2, 5))
+    eager = model.generate(prompt, max_new_tokens=8, temperature=0)
+    assert torch.equal(model.generate(prompt, max_new_tokens=8, temperature=0, compile=True), eager)
+    with torch.no_grad():
+        logits = {}
+        for compile in (False, True):
+            caches = model.new_caches()
+            model.model(eager[:, :5], caches=caches)
+            step = model.decoding_step(compile=compile)
+            logits[compile] = torch.stack([step(eager[:, t:t + 1], caches, t) for t in range(5, 12)])
+    torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[False][-1], model(eager[:, :12]).logits[:, -1], atol=1e-5, rtol=1e-5)
+
+
 def test_save_load_round_trip_reproduces_outputs(tmp_path) -> None:
     model = _lm("rmfa", feature_redraw_interval=2)
     model.train()

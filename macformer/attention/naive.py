@@ -47,11 +47,13 @@ def kernel_attention_weights(
     """The exact attention matrix [b, h, n_q, n_k]: f(q_i . k_j) over the visible keys, each row
     normalised to sum 1 (rows with no visible key are 0). No scaling is applied to q . k.
 
-    Raises if some |q . k| reaches the kernel's radius of convergence.
+    Raises if some |q . k| reaches the kernel's radius of convergence (not under torch.compile, where
+    the data-dependent branch would break the graph; in a model ppSBN keeps |q . k| below the radius).
     """
     kernel = get_kernel(kernel)
     scores = q @ k.transpose(-1, -2)
-    if math.isfinite(kernel.radius) and bool((scores.abs() >= kernel.radius).any()):
+    checks_radius = math.isfinite(kernel.radius) and not torch.compiler.is_compiling()
+    if checks_radius and bool((scores.abs() >= kernel.radius).any()):
         raise MacformerError(
             f"|q . k| reaches {scores.abs().max().item():.3g}, outside the {kernel.name} kernel's radius "
             f"of convergence {kernel.radius}; normalise q and k first (ppSBN)"

@@ -176,6 +176,10 @@ class RandomMaclaurinFeatures(FeatureMap):
 
     def forward(self, x: torch.Tensor, is_query: bool = False) -> torch.Tensor:
         rows, factor_index, constant, linear = self._fast_path()
+        if torch.compiler.is_compiling():  # dynamo cannot trace the Function's out= writes: plain ops, any size
+            features = _gathered_features(x.reshape(-1, x.shape[-1]), rows.to(x.dtype), factor_index,
+                                          self._random_groups, constant, linear)
+            return features.reshape(*x.shape[:-1], -1)
         function = _MaclaurinFeatures
         if _use_triton(x):
             from macformer.features import triton_maclaurin
@@ -187,6 +191,8 @@ class RandomMaclaurinFeatures(FeatureMap):
         """(`_build_random_rows()`, `_factor_index()`, sqrt(a_0) or None, sqrt(a_1) or None), built
         once per draw, load, move or in-place edit of the buffers (decoding calls the map once per
         token); the scales are kept on the host so that a call does not wait for the device."""
+        if torch.compiler.is_compiling() and self._fast_path_cache is not None:  # _version is not traceable
+            return self._fast_path_cache[1]
         version = (self.weights._version, self.scales._version)
         if self._fast_path_cache is None or self._fast_path_cache[0] != version:
             exact_scales = self.scales[: int(self.constant_feature) + self.dim * int(self.linear_features)].tolist()
@@ -254,6 +260,25 @@ class RandomMaclaurinFeatures(FeatureMap):
             f"constant_feature={self.constant_feature}, linear_features={self.linear_features}, "
             f"max_degree={self.max_degree}"
         )
+
+
+def _gathered_features(flat_x: torch.Tensor, rows: torch.Tensor, factor_index: torch.Tensor,
+                       groups: list[tuple[int, int]], constant: float | None, linear: float | None) -> torch.Tensor:
+    """Every feature of flat_x [n, d] in a handful of ops (no loop over degree groups): one matmul with
+    `_build_random_rows()`, a column of ones appended, and all factors gathered through
+    `_factor_index()` and multiplied at once. The form for few rows (decoding) and for torch.compile."""
+    projections = flat_x @ rows.T
+    padded = torch.cat([projections, projections.new_ones(projections.shape[0], 1)], dim=-1)
+    random = padded[:, factor_index].prod(dim=-2)  # [n, max degree, random features] -> [n, random features]
+    pieces = []
+    if constant is not None:
+        pieces.append(flat_x.new_full((flat_x.shape[0], 1), constant))
+    if linear is not None:
+        pieces.append(flat_x * linear)
+    if groups[0][0] == 0:  # sampled degree 0 comes first; the scales sit in its rows' first entry
+        pieces.append(rows[:groups[0][1], 0].expand(flat_x.shape[0], -1))
+        random = random[:, groups[0][1]:]
+    return torch.cat([*pieces, random], dim=-1)
 
 
 def _padded(num_rows: int) -> int:
@@ -329,7 +354,8 @@ def _random_features_gradient(projections: torch.Tensor, groups: list[tuple[int,
 class _MaclaurinFeatures(torch.autograd.Function):
     """phi(x) = [sqrt(a_0), sqrt(a_1) x, prod_j (w'_ji . x)] written into one preallocated output,
     with w' the degree-major, scale-folded rows of `RandomMaclaurinFeatures._build_random_rows`: one
-    matmul, no concatenation and no scaling pass. Both directions run over blocks of ROWS_PER_BLOCK
+    matmul, no concatenation and no scaling pass (up to FEW_ROWS input rows, as in decoding, the
+    forward is `_gathered_features` instead: a handful of ops). Both directions run over blocks of ROWS_PER_BLOCK
     input rows, so that a block's projections stay in cache between the passes over them, and work
     feature-major: a block's projections are W' x^T, [rows, block], so every factor of a degree group
     is one contiguous [count, block] slab, and the products are transposed into the output once per
@@ -341,19 +367,16 @@ class _MaclaurinFeatures(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, rows, factor_index, groups, constant, linear):
         exact = int(constant is not None) + (x.shape[-1] if linear is not None else 0)
-        out = x.new_empty(*x.shape[:-1], exact + sum(count for _, count in groups))
-        if constant is not None:
-            out[..., 0] = constant
-        if linear is not None:
-            torch.mul(x, linear, out=out[..., int(constant is not None):exact])
-        flat_x, random_out = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])[:, exact:]
+        flat_x = x.reshape(-1, x.shape[-1])
         if flat_x.shape[0] <= FEW_ROWS:  # decoding: a handful of ops instead of a loop over degree groups
-            projections = flat_x @ rows.T
-            padded = torch.cat([projections, projections.new_ones(projections.shape[0], 1)], dim=-1)
-            torch.prod(padded[:, factor_index], dim=-2, out=random_out)  # [rows, degree, feature]
-            if groups[0][0] == 0:  # sampled degree 0 comes first; the scales sit in its rows' first entry
-                random_out[:, :groups[0][1]] = rows[:groups[0][1], 0]
+            out = _gathered_features(flat_x, rows, factor_index, groups, constant, linear).reshape(*x.shape[:-1], -1)
         else:
+            out = x.new_empty(*x.shape[:-1], exact + sum(count for _, count in groups))
+            if constant is not None:
+                out[..., 0] = constant
+            if linear is not None:
+                torch.mul(x, linear, out=out[..., int(constant is not None):exact])
+            random_out = out.view(-1, out.shape[-1])[:, exact:]
             features = random_out.new_empty(random_out.shape[1], min(ROWS_PER_BLOCK, flat_x.shape[0]))
             for block in range(0, flat_x.shape[0], ROWS_PER_BLOCK):
                 x_block = flat_x[block:block + ROWS_PER_BLOCK]
