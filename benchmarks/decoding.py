@@ -50,7 +50,9 @@ def decode(model: MacformerForCausalLM, context: int, new_tokens: int, device: t
     untimed = 2 if mode == "compiled" else 1  # compiling: the first step, then once more with a dynamic position
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.config.vocab_size, (1, context), generator=generator).to(device)
-    caches = model.new_caches(capacity=context + new_tokens)  # as generate() sizes them
+    # As generate() sizes them for new_tokens + 1 tokens (it samples its last token without a step): a
+    # step that filled the buffer would make the keys' view contiguous and recompile the compiled step.
+    caches = model.new_caches(capacity=context + new_tokens + 1)
     start = time.perf_counter()
     token = model.lm_head(model.model(prompt, caches=caches))[:, -1].argmax(-1)
     prefill = time.perf_counter() - start
