@@ -91,6 +91,26 @@ def test_eval_and_generate_refuse_mismatched_inputs_in_one_line(tmp_path, listop
         assert message in error and "Traceback" not in error, error
 
 
+def test_generate_compile_reaches_the_model(tmp_path, monkeypatch, capsys) -> None:
+    # The compiled decoding itself is tested in test_models (compiling costs ~20 s); here the flag's path.
+    lm = _export(tmp_path / "lm", MacformerForCausalLM, vocab_size=400, max_seq_len=64, causal=True)
+    tokenizer = tmp_path / "t.model"
+    tokenizer.write_bytes(train_tokenizer([Path(path).read_text(errors="replace") for path in stdlib_files(20)],
+                                          vocab_size=400))
+    calls = []
+    original = MacformerForCausalLM.generate
+
+    def recording_generate(self, *args, **kwargs):
+        calls.append(kwargs["compile"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MacformerForCausalLM, "generate", recording_generate)
+    for flags in ([], ["--compile"]):
+        assert main(["generate", "--checkpoint", str(lm), "--tokenizer", str(tokenizer), "--prompt", "def",
+                     "--max-new-tokens", "1", *flags]) == 0
+    assert calls == [False, True] and capsys.readouterr().out.count("\n") == 2
+
+
 def test_eval_uses_the_held_out_split_and_experiment_picks_the_best_run(tmp_path, listops, capsys) -> None:
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     client = mlflow.MlflowClient(tracking_uri=uri)

@@ -105,7 +105,7 @@ def test_lm_trains_with_zero2_bf16_and_is_tracked(tmp_path, lm_data, capsys) -> 
     assert main(["eval", "--checkpoint", model_dir, "--data", str(lm_data), "--batches", "2", "--batch-size", "2"]) == 0
     assert "eval_perplexity" in capsys.readouterr().out
     assert main(["generate", "--checkpoint", f"experiment:{config.experiment}", "--tokenizer",
-                 str(lm_data / "tokenizer.model"), "--prompt", "def ", "--max-new-tokens", "8", "--compile",
+                 str(lm_data / "tokenizer.model"), "--prompt", "def ", "--max-new-tokens", "8",
                  "--tracking-uri", config.tracking_uri]) == 0
     assert capsys.readouterr().out.startswith("def ")
     assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/attention.png",
