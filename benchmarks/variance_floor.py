@@ -7,13 +7,16 @@ positive projections, any degree law, exact features included) with E[phi(x) . p
 Write phi(x) = A psi(x) in an orthonormal basis psi of L2(sphere) that diagonalises k (spherical
 harmonics: k(x, y) = sum_i lambda_i psi_i(x) psi_i(y), Funk-Hecke). Unbiasedness is E[A^T A] = Lambda,
 and for x, y independent and uniform E_xy[(phi(x) . phi(y))^2] = ||P||_F^2 with P = A^T A, which is
-PSD of rank <= D. For any coordinate set E with complement T,
-||P||_F^2 >= sum_E P_ii^2 + ||P_TT||_F^2 >= sum_E P_ii^2 + (tr P_TT)^2 / D, and by Jensen
-    E_xy Var[phi(x) . phi(y)] >= (sum_T lambda_i)^2 / D - sum_T lambda_i^2.
-The floor is the largest right-hand side over E (E = the top coordinates). To first order in the
-noise, the mean squared error of attention with independent values is this same functional (the
-query's and the keys' features enter only through P), so sqrt(floor / variance) bounds how far an
-estimator's attention error can fall below another's while both errors are small.
+PSD of rank <= D. The convex envelope of ||P||_F^2 over matrices of rank <= D is the squared spectral
+D-support norm (Argyriou, Foygel & Srebro 2012; McDonald, Pontil & Stamos 2014), so by Jensen
+    E ||P||_F^2 >= sum_E lambda_i^2 + (sum_T lambda_i)^2 / (D - |E|),
+where E holds the largest eigenvalues above the water level (sum_T lambda_i) / (D - |E|) and T the
+rest. Keeping E exactly and sampling D - |E| of the others without replacement, with probabilities
+proportional to lambda_i, attains it: the floor is the exact minimum of the mean pair variance,
+    (sum_T lambda_i)^2 / (D - |E|) - sum_T lambda_i^2.
+To first order in the noise, the mean squared error of attention with independent values is this
+same functional (the query's and the keys' features enter only through P), so sqrt(floor / variance)
+bounds how far an estimator's attention error can fall below another's while both errors are small.
 """
 
 from __future__ import annotations
@@ -79,22 +82,31 @@ def harmonic_coefficients(kernel: str | DotProductKernel, temperature: float,
 
 def unbiased_variance_floor(kernel: str | DotProductKernel, temperature: float, sphere_dim: int,
                             num_features: int) -> float:
-    """Lower bound on the mean, over independent uniform pairs on the sphere, of Var[phi(x) . phi(y)]
-    for every unbiased random feature map with num_features columns (see the module docstring)."""
+    """The smallest mean, over independent uniform pairs on the sphere, of Var[phi(x) . phi(y)] that
+    any unbiased random feature map with num_features columns can have (see the module docstring)."""
     coefficients, multiplicities = harmonic_coefficients(kernel, temperature, sphere_dim)
-    groups = sorted(zip(coefficients, multiplicities, strict=True), key=lambda group: -group[0])
-    tail_sum = sum(b * n for b, n in groups)
-    tail_squares = sum(b * b * n for b, n in groups)
-    best, taken = tail_sum**2 / num_features - tail_squares, 0
-    for coefficient, count in groups:
-        for _ in range(min(count, num_features - taken)):  # E grows by one coordinate at a time
-            tail_sum -= coefficient
-            tail_squares -= coefficient**2
-            best = max(best, tail_sum**2 / num_features - tail_squares)
-        taken += count
-        if taken >= num_features:
-            break
-    return max(best, 0.0)
+    if min(coefficients) < -SERIES_CHECK * max(coefficients):
+        raise ValueError(f"{kernel!r} is not positive definite on the sphere: no real unbiased features exist")
+    return water_filling_floor(list(zip(coefficients, multiplicities, strict=True)), num_features)
+
+
+def water_filling_floor(eigenvalues: list[tuple[float, int]], num_features: int) -> float:
+    """min E ||P||_F^2 - ||Lambda||_F^2 over random PSD P of rank <= num_features with E P = Lambda, for
+    Lambda given as (eigenvalue, multiplicity) pairs: the largest eigenvalues are kept exactly while
+    one exceeds the water level (the rest's sum over the columns left), the rest sampled."""
+    groups = sorted(eigenvalues, key=lambda group: -group[0])
+    tail_sum = sum(value * count for value, count in groups)
+    tail_squares = sum(value * value * count for value, count in groups)
+    exact = 0  # |E|, one coordinate at a time
+    for value, count in groups:
+        for _ in range(count):
+            # Always true by the last column (the tail holds the next coordinate): exact < num_features here.
+            if value * (num_features - exact) <= tail_sum:
+                return max(tail_sum**2 / (num_features - exact) - tail_squares, 0.0)
+            tail_sum -= value
+            tail_squares -= value**2
+            exact += 1
+    return 0.0  # no more coordinates than columns: the map can be exact
 
 
 def kar_karnick_variance(kernel: str | DotProductKernel, x: torch.Tensor, y: torch.Tensor, num_features: int,
